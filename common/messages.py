@@ -1,0 +1,99 @@
+"""Message kinds: which topic each travels on, who sends it, and the shape of its body.
+
+Every signed body is a CBOR map. `validate` checks a received body against its
+kind's schema (required fields and their types) so the cores can rely on the shape
+and never meet a surprise type; tensors inside are decoded separately, under
+`tensors.Limits`, by `tensors_of`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .errors import ProtocolError, Reason
+from .tensors import DEFAULT_LIMITS, Limits, decode_state_dict
+
+INSTRUCTION = "instruction"
+CONFIRM = "confirm"
+DECLINE = "decline"
+MODEL = "model"
+DELTA = "delta"
+ROUND = "round"
+UPDATE = "update"
+PRESENCE = "presence"
+
+UPDATE_KINDS = ("delta", "gradient", "student")
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    sender: str  # "master" or "slave"
+    topics: tuple[str, ...]  # topic names (see topics.py) it may travel on
+    fields: Mapping[str, type | tuple[type, ...]]
+    retained: bool = False
+
+
+_NUM = (int, float)
+
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind(INSTRUCTION, "master", ("instruction",), {
+            "task": str, "model": dict, "train": dict, "update": str, "requirements": dict, "round_policy": dict,
+        }, retained=True),
+        Kind(CONFIRM, "slave", ("confirm",), {"public_key": bytes, "samples": int, "capabilities": dict}),
+        Kind(DECLINE, "slave", ("confirm",), {"public_key": bytes, "reason": str}),
+        Kind(MODEL, "master", ("model", "to"), {"tensors": dict}, retained=True),
+        Kind(DELTA, "master", ("delta",), {"base_version": int, "tensors": dict}),
+        Kind(ROUND, "master", ("round",), {"participants": list, "deadline": _NUM, "update": str}, retained=True),
+        Kind(UPDATE, "slave", ("update",), {
+            "update_id": str, "kind": str, "base_version": int, "samples": int, "metrics": dict, "tensors": dict,
+        }),
+        Kind(PRESENCE, "slave", ("presence",), {"state": str, "version": int}, retained=True),
+    )
+}
+
+SELF_SIGNED_KINDS = (CONFIRM, DECLINE)  # a slave's first words, before its key is known
+
+
+def validate(kind: str, topic_name: str, body: Mapping[str, Any]) -> Kind:
+    """Raise BAD_KIND / BAD_BODY unless `body` is a well-formed `kind` on that topic."""
+    spec = KINDS.get(kind)
+    if spec is None or topic_name not in spec.topics:
+        raise ProtocolError(Reason.BAD_KIND, f"{kind!r} is not expected on a {topic_name!r} topic")
+    for field, typ in spec.fields.items():
+        value = body.get(field)
+        if not isinstance(value, typ) or isinstance(value, bool) and typ in (int, _NUM):
+            raise ProtocolError(Reason.BAD_BODY, f"{kind}.{field} missing or not {typ}")
+    if kind == UPDATE and body["kind"] not in UPDATE_KINDS:
+        raise ProtocolError(Reason.BAD_BODY, f"update.kind {body['kind']!r} not one of {UPDATE_KINDS}")
+    if kind == PRESENCE and body["state"] not in ("online", "offline"):
+        raise ProtocolError(Reason.BAD_BODY, "presence.state must be online or offline")
+    return spec
+
+
+def tensors_of(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS, *, finite: bool = True) -> dict[str, torch.Tensor]:
+    """Decode a body's `tensors` map; reject NaN/Inf where the receiver needs finite values."""
+    tensors = decode_state_dict(body.get("tensors"), limits)
+    if finite:
+        for name, t in tensors.items():
+            if t.is_floating_point() and not all_finite(t):
+                raise ProtocolError(Reason.NON_FINITE, f"tensor {name!r} holds NaN or Inf")
+    return tensors
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`. numpy's isfinite is used where it can see the data: on
+    float32 it is ~10x faster than torch.isfinite(t).all() here (0.02 vs 0.25 ms per
+    MiB), which was a sixth of the cost of receiving and decoding a large update."""
+    if t.dtype in _NUMPY_FLOATS and not t.requires_grad:
+        return bool(np.isfinite(t.numpy()).all())
+    return bool(torch.isfinite(t).all())

@@ -1,0 +1,209 @@
+"""The thin I/O shell both daemons share: one event queue, one MQTT connection, files.
+
+paho delivers messages on its network thread; the shell only queues them there, and
+a single loop thread feeds the core (messages, clock ticks, finished training) and
+carries out the effects the core returns, in order. So the core is never entered by
+two threads at once and needs no locks.
+
+Also here: sealing and publishing (retained messages that need several chunks go to
+`TOPIC/chunk/I`, since MQTT retains one message per topic), byte counters measured on
+the payloads, and crash-safe files (atomic replace, fsync'd append-only journal).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import cbor2
+
+from .channel import Inbox, Received, Sealer
+from .effects import Log, Publish, PublishJson
+from .envelope import keep_tag, loads
+from .errors import ProtocolError
+from .topics import chunk_topic, split_chunk_topic
+from .transport import BrokerConfig, Inbound, Transport
+
+TICK_SECONDS = 0.25
+
+
+class Shell:
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        client_id: str,
+        sealer: Sealer,
+        inbox: Inbox,
+        log: logging.Logger,
+        *,
+        manual_ack: bool = False,
+    ) -> None:
+        self.sealer = sealer
+        self.inbox = inbox
+        self.log = log
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.transport = Transport(
+            broker, client_id, lambda m: self.events.put(("msg", m)), manual_ack=manual_ack,
+            on_connect=lambda present: self.events.put(("connected", present)),
+            on_disconnect=lambda: self.events.put(("disconnected", None)), logger=log,
+        )
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._retained_chunks: dict[str, int] = {}
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------ outbound
+
+    def publish(self, fx: Publish, now: float) -> None:
+        payloads = self.sealer.seal(fx.topic, fx.kind, fx.body, now=now, version=fx.version, round=fx.round)
+        chunked = fx.retain and len(payloads) > 1
+        topics = [chunk_topic(fx.topic, i) for i in range(len(payloads))] if chunked else [fx.topic] * len(payloads)
+        for topic, payload in zip(topics, payloads):
+            self.transport.publish(topic, payload, qos=fx.qos, retain=fx.retain)
+            self.bytes_out += len(payload)
+        if fx.retain:
+            self._clear_stale_chunks(fx.topic, len(payloads) if chunked else 0)
+
+    def _clear_stale_chunks(self, topic: str, now_count: int) -> None:
+        """Delete retained chunks a previous, larger version left behind (empty retained publish)."""
+        before = self._retained_chunks.get(topic, 0)
+        if now_count and not before:
+            self.transport.publish(topic, b"", qos=1, retain=True)
+        for i in range(now_count, before):
+            self.transport.publish(chunk_topic(topic, i), b"", qos=1, retain=True)
+        self._retained_chunks[topic] = now_count
+
+    def publish_json(self, fx: PublishJson) -> None:
+        payload = json.dumps(fx.data, separators=(",", ":"), default=str).encode()
+        self.transport.publish(fx.topic, payload, qos=fx.qos, retain=fx.retain)
+
+    def set_will(self, topic: str, payload: bytes) -> None:
+        self.transport.set_will(topic, payload, qos=1, retain=True)
+
+    # ------------------------------------------------------------ inbound
+
+    def receive(self, msg: Inbound, now: float) -> Received | None:
+        """Verify one delivery; None while chunks are missing. Raises ProtocolError."""
+        self.bytes_in += len(msg.payload)
+        if not msg.payload:  # a retained message being deleted
+            return None
+        return self.inbox.receive(split_chunk_topic(msg.topic), msg.payload, now, retained=msg.retain)
+
+    # ------------------------------------------------------------ loop
+
+    def run(self, handle: Callable[[str, Any, float], None], tick: Callable[[float], None]) -> None:
+        """Feed events and ticks to `handle`/`tick` on this thread until `stop()`."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+        self.transport.start()
+        next_tick = 0.0
+        while not self._stop.is_set():
+            try:
+                kind, value = self.events.get(timeout=TICK_SECONDS)
+            except queue.Empty:
+                kind = None
+            now = time.time()
+            if kind is not None:
+                handle(kind, value, now)
+            if now >= next_tick:
+                expired = self.inbox.expire(now)
+                if expired:
+                    self.log.warning("dropped %d incomplete chunked message(s) after the timeout", expired)
+                tick(now)
+                next_tick = now + TICK_SECONDS
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self, flush_seconds: float = 10.0) -> None:
+        self.transport.flush(flush_seconds)
+        self.transport.stop()
+
+    def log_effect(self, fx: Log) -> None:
+        self.log.log(logging.getLevelName(fx.level.upper()), fx.message)
+
+    def log_rejection(self, msg: Inbound, exc: ProtocolError) -> None:
+        self.log.warning("rejected message on %s: %s", msg.topic, exc)
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so a crash leaves either the old or the new file, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dirfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def read_cbor_file(path: Path) -> Any | None:
+    """A CBOR file fedmq wrote itself (checkpoint, state); None if absent."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return loads(data)
+
+
+class JournalFile:
+    """Append-only CBOR records, each fsync'd before `append` returns.
+
+    A crash can leave a torn last record; reading stops there (that record was
+    never acknowledged, so the broker redelivers it).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "ab")
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._f.write(cbor2.dumps(record))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def truncate(self) -> None:
+        self._f.truncate(0)
+        self._f.seek(0)
+        os.fsync(self._f.fileno())
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        with open(self.path, "rb") as f:
+            decoder = cbor2.CBORDecoder(f, tag_hook=keep_tag)
+            while True:
+                start = f.tell()
+                try:
+                    record = decoder.decode()
+                except (cbor2.CBORDecodeError, EOFError, ValueError):
+                    if f.tell() > start:
+                        logging.getLogger(__name__).warning("journal %s: torn record at byte %d ignored", self.path, start)
+                    return
+                if isinstance(record, dict):
+                    yield record
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("paho").setLevel(logging.WARNING)

@@ -1,0 +1,257 @@
+"""`fedmq demo`: the reference workload end to end, with real processes and a real broker.
+
+One master and N slave processes (each `python -m fedmq ... run`, exactly what an
+operator would start), a broker (Mosquitto if installed, else the embedded amqtt
+one, or an existing `--broker`), keys, configs and a report, all in one directory:
+
+    DIR/keys/        public keys of the master and every slave (to verify captured traffic)
+    DIR/private/     their private keys (mode 0700)
+    DIR/config/      job.toml and slave-I.toml, as an operator would write them
+    DIR/logs/        one log per process
+    DIR/state/       checkpoint, journal and slave state files
+    DIR/split.npz    the data split (row indices), so another system can rerun it exactly
+    DIR/report.json  per-round accuracy, bytes and seconds; final accuracy; which broker
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from fedmq.broker import BrokerHandle, start_broker
+from fedmq.common.errors import ConfigError
+from fedmq.common.keys import Identity, write_identity
+from fedmq.common.topics import Topics
+from fedmq.common.transport import BrokerConfig, Inbound, Transport
+
+JOB = "digits"
+
+
+@dataclass
+class DemoOptions:
+    slaves: int = 8
+    rounds: int = 30
+    report: Path = Path("demo-report")
+    broker: str | None = None  # HOST:PORT of an existing broker
+    broker_kind: str = "auto"  # what to start otherwise: auto | mosquitto | embedded
+    update: str = "delta"
+    strategy: str = "fedavg"
+    deadline: float = 60.0
+    timeout: float = 900.0  # the whole run
+
+
+@dataclass
+class DemoResult:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    broker: dict[str, Any] = field(default_factory=dict)
+    status: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    master_exit: int | None = None
+
+
+def _toml(data: dict[str, dict[str, Any]]) -> str:
+    """The tiny TOML subset the demo's configs need (tables of scalars and lists)."""
+    out = []
+    for table, values in data.items():
+        out.append(f"[{table}]")
+        out += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class LocalFleet:
+    """A master and N slave processes on this machine, in one directory (see module doc).
+
+    `job` and `slave_overrides` are merged into the generated TOML, so tests and
+    benchmarks can vary one setting; `not_allowed` slaves get keys the master's
+    allowlist does not contain.
+    """
+
+    def __init__(self, root: Path, broker: Mapping[str, Any], *, slaves: int = 8, rounds: int = 30,
+                 job: dict[str, Any] | None = None, slave_overrides: dict[str, dict[str, Any]] | None = None,
+                 not_allowed: tuple[str, ...] = ()) -> None:
+        self.root = root.resolve()
+        self.broker = dict(broker)  # the [broker] table every process gets
+        self.names = [f"slave-{i:02d}" for i in range(slaves)]
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.configs = self._prepare(rounds, job or {}, slave_overrides or {}, set(not_allowed))
+
+    def _prepare(self, rounds: int, job: dict[str, Any], slave_overrides: dict[str, dict[str, Any]],
+                 not_allowed: set[str]) -> dict[str, Path]:
+        from fedmq.common.workload import reference_split
+
+        root = self.root
+        keys, private, config = root / "keys", root / "private", root / "config"
+        for d in (keys, private / "allowlist", config, root / "logs", root / "state"):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(private, 0o700)
+        for name in ["master"] + self.names:
+            ident = Identity.generate(name)
+            write_identity(ident, private, overwrite=True)
+            pub = (private / f"{name}.pub").read_bytes()
+            (keys / f"{name}.pub").write_bytes(pub)
+            if name != "master" and name not in not_allowed:
+                (private / "allowlist" / f"{name}.pub").write_bytes(pub)
+        n = len(self.names)
+        reference_split(num_slaves=n).save(root / "split.npz")
+        broker = self.broker
+        paths = {"master": config / "job.toml"}
+        paths["master"].write_text(_toml(_merge({
+            "job": {"id": JOB, "rounds": rounds, "task": "digits", "update": "delta"},
+            "model": {"arch": "mlp", "sizes": [64, 128, 10], "seed": 0},
+            "train": {"epochs": 2, "batch_size": 32, "lr": 0.1},
+            "strategy": {"name": "fedavg"},
+            "rounds": {"min_slaves": n - len(not_allowed), "deadline": 60.0, "start_wait": 120.0},
+            "enrollment": {"mode": "allowlist", "keys": "../private/allowlist"},
+            "master": {"key": "../private/master.key", "state_dir": "../state/master", "eval": "reference:test"},
+            "broker": broker,
+        }, job)))
+        for i, name in enumerate(self.names):
+            paths[name] = config / f"{name}.toml"
+            paths[name].write_text(_toml(_merge({
+                "slave": {"id": name, "job": JOB, "key": f"../private/{name}.key", "master_key": "../keys/master.pub",
+                          "data": f"reference:{i}/{n}", "state_dir": f"../state/{name}", "tasks": ["digits"]},
+                "broker": broker,
+            }, slave_overrides.get(name, {}))))
+        return paths
+
+    def start(self, name: str) -> subprocess.Popen:
+        """Start (or restart) one process: "master" or a slave name."""
+        kind = "master" if name == "master" else "slave"
+        log = open(self.root / "logs" / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "fedmq", kind, "run", "--config", str(self.configs[name])],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        return self.procs[name]
+
+    def start_all(self) -> None:
+        for name in self.names:
+            self.start(name)
+        self.start("master")
+
+    def signal(self, name: str, sig: int) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            if sig == signal.SIGKILL:
+                proc.wait(timeout=10)
+
+    def stop_all(self, timeout: float = 15.0) -> None:
+        for name in self.procs:
+            self.signal(name, signal.SIGTERM)
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(name, signal.SIGKILL)
+
+    def log(self, name: str) -> str:
+        return (self.root / "logs" / f"{name}.log").read_text(errors="replace")
+
+
+class Watcher:
+    """Follows the master's JSON metrics and status topics, as `mosquitto_sub` would."""
+
+    def __init__(self, broker: Mapping[str, Any], on_row: Callable[[dict[str, Any]], None] = lambda row: None) -> None:
+        self.topics = Topics(JOB)
+        self.status: dict[str, Any] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.on_row = on_row
+        self.transport = Transport(BrokerConfig(**broker), f"fedmq-watch-{os.getpid()}-{id(self)}",
+                                   self._on, clean_start=True)
+        self.transport.subscribe(self.topics.master("metrics"))
+        self.transport.subscribe(self.topics.master("status"))
+        self.transport.start()
+
+    def _on(self, msg: Inbound) -> None:
+        try:
+            data = json.loads(msg.payload)
+        except ValueError:
+            return
+        if msg.topic.endswith("/metrics") and not msg.retain:
+            self.rows.append(data)
+            self.on_row(data)
+        elif msg.topic.endswith("/status"):
+            self.status = data
+
+    def close(self) -> None:
+        self.transport.stop()
+
+
+def run_demo(opts: DemoOptions, on_row: Callable[[dict[str, Any]], None] = lambda row: None) -> DemoResult:
+    root = opts.report.resolve()
+    result = DemoResult()
+    broker: BrokerHandle | None = None
+    if opts.broker:
+        host, _, port_text = opts.broker.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise ConfigError(f"--broker {opts.broker!r}: expected HOST:PORT")
+        settings: dict[str, Any] = {"host": host, "port": int(port_text)}
+        result.broker = {"kind": "external", **settings}
+    else:
+        broker = start_broker(opts.broker_kind, data_dir=root / "broker")
+        settings = broker.settings
+        result.broker = {"kind": broker.kind, "host": broker.host, "port": broker.port}
+    start = time.monotonic()
+    fleet = None
+    try:
+        fleet = LocalFleet(root, settings, slaves=opts.slaves, rounds=opts.rounds, job={
+            "job": {"update": opts.update}, "strategy": {"name": opts.strategy}, "rounds": {"deadline": opts.deadline}})
+        watcher = Watcher(settings, on_row)
+        fleet.start_all()
+        try:
+            result.master_exit = fleet.procs["master"].wait(timeout=opts.timeout)
+        except subprocess.TimeoutExpired:
+            result.master_exit = None
+        time.sleep(0.5)  # let the last metrics/status arrive
+        result.rows, result.status = watcher.rows, watcher.status
+        watcher.close()
+    finally:
+        if fleet is not None:
+            fleet.stop_all()
+        if broker is not None:
+            broker.stop()
+    result.seconds = round(time.monotonic() - start, 2)
+    write_report(root / "report.json", opts, result)
+    return result
+
+
+def seconds_to(rows: list[dict[str, Any]], accuracy: float) -> float | None:
+    """Seconds of training (sum of round durations) until the first round at `accuracy`."""
+    total = 0.0
+    for r in rows:
+        total += r["seconds"]
+        if r.get("accuracy", 0.0) >= accuracy:
+            return round(total, 3)
+    return None
+
+
+def write_report(path: Path, opts: DemoOptions, result: DemoResult) -> dict[str, Any]:
+    rows = [{k: r.get(k) for k in ("round", "version", "accuracy", "loss", "updates", "bytes_up", "bytes_down", "seconds")}
+            for r in sorted(result.rows, key=lambda r: r["round"])]
+    report = {
+        "job": JOB, "slaves": opts.slaves, "rounds_planned": opts.rounds, "update": opts.update,
+        "strategy": opts.strategy, "broker": result.broker, "rounds": rows,
+        "final_accuracy": rows[-1]["accuracy"] if rows else None,
+        "seconds_to_090": seconds_to(rows, 0.90),
+        "wall_seconds": result.seconds, "master_exit": result.master_exit,
+        "bytes_up": sum(r["bytes_up"] or 0 for r in rows), "bytes_down": sum(r["bytes_down"] or 0 for r in rows),
+        "rejected": result.status.get("rejected", {}),
+    }
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return report

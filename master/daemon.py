@@ -1,0 +1,141 @@
+"""`fedmq master run`: the master core wired to MQTT, a checkpoint and a journal.
+
+On start it restores the last checkpoint (model, version, round, strategy state,
+applied update ids, replay table) and re-admits the journaled updates of the round
+in progress, then re-publishes its retained state. Updates are acknowledged to the
+broker only after the core has journaled them (the effect order guarantees it), so a
+crash loses nothing the broker handed over: unacknowledged messages are redelivered
+to the persistent session, journaled ones are replayed from disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import cbor2
+import torch
+
+from fedmq.common import messages as M
+from fedmq.common.channel import Inbox, Sealer, initial_seq
+from fedmq.common.effects import Ack, Checkpoint, Effect, Finish, Journal, Log, Publish, PublishJson, Trust
+from fedmq.common.errors import ProtocolError, Reason
+from fedmq.common.jobconfig import JobConfig
+from fedmq.common.keys import KeyRing, load_identity, public_key_from_raw
+from fedmq.common.modelspec import build_model
+from fedmq.common.shell import JournalFile, Shell, read_cbor_file, write_atomic
+from fedmq.common.workload import evaluate, load_local_data
+
+from .core import MasterCore, make_job_strategy
+
+CHECKPOINT = "checkpoint.cbor"
+JOURNAL = "journal.cbor"
+
+
+def _evaluator(cfg: JobConfig):
+    """Accuracy on the job's evaluation set, if it has one (the master never sees slave data)."""
+    if not cfg.eval_data:
+        return None
+    dataset = load_local_data(cfg.eval_data)
+    model = build_model(cfg.model)
+
+    def run(params: dict[str, torch.Tensor]) -> dict[str, float]:
+        model.load_state_dict(params, strict=False)
+        return evaluate(model, dataset)
+
+    return run
+
+
+class MasterDaemon:
+    def __init__(self, cfg: JobConfig, log: logging.Logger | None = None) -> None:
+        self.cfg = cfg
+        self.log = log or logging.getLogger("fedmq.master")
+        identity = load_identity(cfg.master_key)
+        self.state_dir = cfg.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        ring = KeyRing.from_dir(cfg.slave_keys) if cfg.enrollment == "allowlist" else KeyRing()
+        if cfg.enrollment == "open":
+            self.log.warning("enrollment mode 'open': any key that confirms is trusted (demos only)")
+        model = build_model(cfg.model)
+        self.core = MasterCore(cfg, model, make_job_strategy(cfg), evaluate=_evaluator(cfg))
+        inbox = Inbox(ring, cfg.job, self_signed=M.SELF_SIGNED_KINDS)
+        checkpoint = read_cbor_file(self.state_dir / CHECKPOINT)
+        if checkpoint is not None:
+            self.core.restore(checkpoint)
+            inbox.load_replay_state(checkpoint.get("replay", []))
+            for slave in self.core.slaves.values():
+                if slave.public_key and cfg.enrollment == "open":
+                    ring.add(slave.name, public_key_from_raw(slave.public_key))
+            self.log.info("resumed from checkpoint: version %d, round %d", self.core.version, self.core.round_number)
+        sealer = Sealer(identity, cfg.job, seq=initial_seq(time.time(), checkpoint.get("seq", 0) if checkpoint else 0),
+                        chunk_size=cfg.chunk_size)
+        self.journal = JournalFile(self.state_dir / JOURNAL)
+        replayed = 0
+        for record in self.journal.records():
+            self.core.replay(record)
+            replayed += 1
+        if replayed:
+            self.log.info("journal: %d record(s) re-admitted for version %d", replayed, self.core.version)
+        self.shell = Shell(cfg.broker, f"fedmq-master-{cfg.job}", sealer, inbox, self.log, manual_ack=True)
+        topics = cfg.topics
+        for name in ("confirm", "update", "presence"):
+            self.shell.transport.subscribe(topics.slaves(name), qos=1)
+        self.finished: str | None = None
+
+    def run(self) -> str | None:
+        """Serve until the job finishes (returns why) or a signal stops the daemon (None)."""
+        self.apply(self.core.start(time.time()), time.time())
+        try:
+            self.shell.run(self.handle, lambda now: self.apply(self.core.tick(now), now))
+        finally:
+            self.shell.close()
+            self.journal.close()
+        return self.finished
+
+    def handle(self, kind: str, value: Any, now: float) -> None:
+        if kind != "msg":
+            return
+        try:
+            received = self.shell.receive(value, now)
+        except ProtocolError as exc:
+            if exc.reason == Reason.REPLAY and value.dup:
+                # The broker resending, after a reconnect, what it had delivered before and
+                # not seen acknowledged (the ack was lost with the connection); this daemon
+                # accepted it then, and journaled it if it was an update. Not an attack.
+                self.log.info("redelivered message on %s already received; dropped", value.topic)
+                self.shell.transport.ack(value)
+                return
+            self.shell.log_rejection(value, exc)
+            parsed = self.cfg.topics.parse(value.topic)
+            self.apply(self.core.on_rejected(exc.reason, parsed[1] if parsed else None, now), now)
+            self.shell.transport.ack(value)
+            return
+        if received is None:
+            self.shell.transport.ack(value)  # one chunk of a message still incomplete
+            return
+        self.apply(self.core.on_message(received, now, token=value), now)
+
+    def apply(self, effects: list[Effect], now: float) -> None:
+        for fx in effects:
+            if isinstance(fx, Publish):
+                self.shell.publish(fx, now)
+            elif isinstance(fx, PublishJson):
+                self.shell.publish_json(fx)
+            elif isinstance(fx, Journal):
+                self.journal.append(fx.record)
+            elif isinstance(fx, Ack):
+                self.shell.transport.ack(fx.token)
+            elif isinstance(fx, Checkpoint):
+                state = {**fx.state, "replay": self.shell.inbox.export_replay_state(), "seq": self.shell.sealer.next_seq}
+                write_atomic(self.state_dir / CHECKPOINT, cbor2.dumps(state))
+                self.journal.truncate()
+            elif isinstance(fx, Trust):
+                self.shell.inbox.keyring.add(fx.name, public_key_from_raw(fx.public_key))
+            elif isinstance(fx, Log):
+                self.shell.log_effect(fx)
+            elif isinstance(fx, Finish):
+                self.finished = fx.reason
+                self.log.info("job %s finished: %s", self.cfg.job, fx.reason)
+                self.shell.stop()
+

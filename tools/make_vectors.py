@@ -1,0 +1,95 @@
+"""Write docs/vectors/: one signed sample of every message kind, exactly as published.
+
+Run by hand when the protocol changes (`python tools/make_vectors.py`); the test
+suite only checks that the committed vectors still verify and decode. Keys come
+from fixed seeds so a regeneration is byte-identical (Ed25519 is deterministic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedmq.common import messages as M
+from fedmq.common.channel import Sealer
+from fedmq.common.jobconfig import parse_job
+from fedmq.common.keys import Identity, public_pem, raw_public_bytes
+from fedmq.common.tensors import encode_quantized, encode_sparse, encode_state_dict
+from fedmq.common.topics import Topics
+from fedmq.master.core import instruction_body
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "vectors"
+NOW = 1_790_000_000.0  # fixed clock
+JOB = "digits"
+CHUNK = 4096  # small, so the model vector shows chunking
+
+
+def identity(name: str) -> Identity:
+    seed = hashlib.sha256(f"fedmq test vector {name}".encode()).digest()
+    return Identity(name, Ed25519PrivateKey.from_private_bytes(seed))
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for old in OUT.glob("*.cbor"):
+        old.unlink()
+    topics = Topics(JOB)
+    master, slave = identity("master"), identity("slave-01")
+    for ident in (master, slave):
+        (OUT / f"{ident.name}.pub").write_bytes(public_pem(ident.public_key))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    spec = {"arch": "mlp", "sizes": [64, 16, 10], "seed": 0}
+    ms = Sealer(master, JOB, seq=1, chunk_size=CHUNK)
+    ss = Sealer(slave, JOB, seq=1, chunk_size=CHUNK)
+    pub = raw_public_bytes(slave.public_key)
+    w1 = weights["0.weight"]
+    samples = [
+        (ms, "instruction", topics.master("instruction"), M.INSTRUCTION, instruction_body(parse_job({
+            "job": {"id": JOB, "task": "digits"}, "model": spec, "enrollment": {"mode": "open"},
+            "master": {"key": "master.key"}, "rounds": {"participants": 8},
+        }, OUT)), 0, 0),
+        (ss, "confirm", topics.slave("confirm", "slave-01"), M.CONFIRM, {
+            "public_key": pub, "samples": 180, "capabilities": {"update": ["delta", "gradient"], "torch": "2.13.0"},
+        }, 0, 0),
+        (ss, "decline", topics.slave("confirm", "slave-01"), M.DECLINE, {
+            "public_key": pub, "reason": "no local samples for task 'digits'",
+        }, 0, 0),
+        (ms, "model", topics.master("model"), M.MODEL, {"tensors": encode_state_dict(weights)}, 3, 3),
+        (ms, "model-direct", topics.direct("slave-01"), M.MODEL, {"tensors": encode_state_dict(weights)}, 3, 0),
+        (ms, "delta", topics.master("delta"), M.DELTA, {"base_version": 3, "tensors": {
+            "0.weight": encode_sparse(w1.shape, torch.tensor([0, 5, 77], dtype=torch.int32), torch.tensor([0.5, -0.25, 0.125])),
+            "2.weight": encode_quantized(torch.tensor([[1, -3] * 8] * 10, dtype=torch.int8), 0.01, 0),
+        }}, 4, 4),
+        (ms, "round", topics.master("round"), M.ROUND, {
+            "participants": ["slave-01", "slave-02"], "deadline": NOW + 60.0, "update": "delta",
+        }, 4, 4),
+        (ss, "update", topics.slave("update", "slave-01"), M.UPDATE, {
+            "update_id": "slave-01/4/4", "kind": "delta", "base_version": 4, "samples": 180,
+            "metrics": {"loss": 0.42, "seconds": 0.31},
+            "tensors": encode_state_dict({k: torch.full_like(v, 0.001) for k, v in weights.items()}),
+        }, 4, 4),
+        (ss, "presence", topics.slave("presence", "slave-01"), M.PRESENCE, {"state": "online", "version": 4}, 4, 0),
+    ]
+    index = []
+    for sealer, name, topic, kind, body, version, rnd in samples:
+        payloads = sealer.seal(topic, kind, body, now=NOW, version=version, round=rnd)
+        key = f"{sealer.identity.name}.pub"
+        for i, payload in enumerate(payloads):
+            fname = f"{name}.cbor" if len(payloads) == 1 else f"{name}.{i:03d}.cbor"
+            (OUT / fname).write_bytes(payload)
+            entry = {"file": fname, "topic": topic, "public_key": key, "kind": kind}
+            if len(payloads) > 1:
+                entry["chunk"] = [i, len(payloads)]
+            index.append(entry)
+    (OUT / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    print(f"wrote {len(index)} payloads to {OUT}")
+
+
+if __name__ == "__main__":
+    main()
