@@ -201,11 +201,16 @@ class SlaveCore:
         return [Subscribe(self.topics.master("model")), Subscribe(self.topics.master("round"))]
 
     def _maybe_train(self, now: float) -> list[Effect]:
+        """Train when the current round names us on the version we hold. A synchronous
+        round's deadline ends it (a late update would be dropped); an asynchronous master
+        takes updates whenever they come, so a slave that finished older work after the
+        deadline still trains -- waiting for a re-plan would idle it, forever if the
+        master is down."""
         rnd = self.round
         if (
             rnd is None or not self.enrolled or self.training or self.model is None
             or self.cfg.slave_id not in rnd.participants or rnd.number in self.done_rounds
-            or rnd.version != self.version or now >= rnd.deadline
+            or rnd.version != self.version or (now >= rnd.deadline and not self.asynchronous)
         ):
             return []
         self.training = True
