@@ -56,7 +56,6 @@ import cbor2  # noqa: E402
 import psutil  # noqa: E402
 
 from _ingest_common import JOB, MODES, SIZES, encoded_update, model_spec, param_count, seal_update  # noqa: E402
-from _ingest_fixes import FIXES, apply_patches  # noqa: E402
 
 from fedmq.broker import start_broker  # noqa: E402
 from fedmq.common import messages as M  # noqa: E402
@@ -66,7 +65,7 @@ from fedmq.common.effects import Checkpoint, Finish, Journal, Publish, PublishJs
 from fedmq.common.jobconfig import parse_job  # noqa: E402
 from fedmq.common.keys import Identity, KeyRing, raw_public_bytes, write_identity  # noqa: E402
 from fedmq.common.modelspec import build_model  # noqa: E402
-from fedmq.common.shell import JournalFile, write_atomic  # noqa: E402
+from fedmq.common.shell import GroupCommit, JournalFile, write_atomic  # noqa: E402
 from fedmq.common.strategies import make_strategy  # noqa: E402
 from fedmq.common.topics import Topics  # noqa: E402
 from fedmq.common.transport import BrokerConfig, Inbound, Transport  # noqa: E402
@@ -151,19 +150,10 @@ def one_update_payloads(size: str, mode: str, chunk_size: int = DEFAULT_CHUNK_SI
 # ---------------------------------------------------------------- in-process harness
 
 
-def in_process(size: str, mode: str, k: int, rounds: int, state_dir: Path, fixes: tuple[str, ...] = (),
+def in_process(size: str, mode: str, k: int, rounds: int, state_dir: Path,
                chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, Any]:
-    """MasterCore + Inbox + the daemon's effect handling, no broker; stage times per update
-    (wall clock, and CPU time of this thread)."""
-    restore = apply_patches(fixes)
-    try:
-        return _in_process(size, mode, k, rounds, state_dir, "groupcommit" in fixes, chunk_size)
-    finally:
-        restore()
-
-
-def _in_process(size: str, mode: str, k: int, rounds: int, state_dir: Path, group_commit: bool,
-                chunk_size: int) -> dict[str, Any]:
+    """MasterCore + Inbox + the daemon's effect handling (group commit included), no
+    broker; stage times per update (wall clock, and CPU time of this thread)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     cfg = parse_job(job_table(size, k, rounds, state_dir, state_dir, {"host": "127.0.0.1", "port": 1}), state_dir)
     core = MasterCore(cfg, build_model(cfg.model), make_strategy(cfg.strategy, gradient_lr=cfg.train.lr))
@@ -187,22 +177,13 @@ def _in_process(size: str, mode: str, k: int, rounds: int, state_dir: Path, grou
             stage[name] = stage.get(name, 0.0) + time.perf_counter() - t
             cpu[name] = cpu.get(name, 0.0) + time.thread_time() - c
 
-    unsynced = [0]
+    acks = GroupCommit(journal, lambda token: None)
 
-    def append(record: dict) -> None:  # JournalFile.append, or its group-commit variant
-        if not group_commit:
-            journal.append(record)
-            return
-        journal._f.write(cbor2.dumps(record))
-        unsynced[0] += 1
-        if unsynced[0] >= 20:
-            sync()
-
-    def sync() -> None:
-        if unsynced[0]:
-            journal._f.flush()
-            os.fsync(journal._f.fileno())
-            unsynced[0] = 0
+    def append(record: dict) -> None:  # as MasterDaemon, as if messages kept coming
+        journal.append(record)
+        acks.ack(object(), time.monotonic())
+        if acks.due(time.monotonic(), idle=False):
+            acks.commit()
 
     aggregate = core.strategy.aggregate
     core.strategy.aggregate = lambda *a, **kw: timed("aggregate (FedAvg)", aggregate, *a, **kw)  # type: ignore[method-assign]
@@ -215,10 +196,10 @@ def _in_process(size: str, mode: str, k: int, rounds: int, state_dir: Path, grou
             elif isinstance(fx, PublishJson):
                 timed("publish: status/metrics JSON", json.dumps, fx.data, default=str)
             elif isinstance(fx, Journal):
-                timed("journal append (CBOR + write + fsync)", append, fx.record)
+                timed("journal append (CBOR + write; fsync per batch)", append, fx.record)
             elif isinstance(fx, Checkpoint):
                 def checkpoint(state=fx.state) -> None:
-                    sync()
+                    journal.sync()
                     write_atomic(state_dir / "checkpoint.cbor", cbor2.dumps(state))
                     journal.truncate()
                 timed("checkpoint (CBOR + write + fsync)", checkpoint)
@@ -324,7 +305,7 @@ def _python_child(proc: subprocess.Popen, timeout: float = 10.0) -> psutil.Proce
 
 def broker_run(size: str, mode: str, k: int, rounds: int, work: Path, state_dir: Path, *,
                publishers: int, timeout: float, profile: Path | None = None,
-               fixes: tuple[str, ...] = (), chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, Any]:
+               chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     keys = work / "keys"
     idents = make_keys(keys, k)
@@ -347,8 +328,6 @@ def broker_run(size: str, mode: str, k: int, rounds: int, work: Path, state_dir:
                 "identities": [[i.name, str(keys / f"{i.name}.key")] for i in group]}))
             pub_cfgs.append(c)
         argv = [sys.executable, "-m", "fedmq", "master", "run", "-c", str(job)]  # MasterDaemon, as shipped
-        if fixes:
-            argv = [sys.executable, str(HERE / "_ingest_fixes.py"), "--fixes", ",".join(fixes), "-c", str(job)]
         if profile is not None:
             argv = [shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")), "record", "-r", "250",
                     "--threads", "--nonblocking", "-f", "raw", "-o", str(profile), "--"] + argv
@@ -449,12 +428,10 @@ def main() -> None:
     ap.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
     ap.add_argument("--state-dir", type=Path, default=None,
                     help="where the master journals (default: a temporary directory under /tmp)")
-    ap.add_argument("--fixes", default="", help=f"apply these proposed fixes to every run: {','.join(FIXES)} "
-                                                "(bench/_ingest_fixes.py)")
     ap.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                     help="chunk size the publishers seal updates with (default 64 KiB, what slaves use)")
     ap.add_argument("--no-extra", action="store_true",
-                    help="skip the extra 1m:dense runs (journal on tmpfs; with all proposed fixes)")
+                    help="skip the extra 1m:dense run with the journal on tmpfs")
     ap.add_argument("--no-in-process", action="store_true", help="skip the in-process harness")
     ap.add_argument("--profile", action="store_true", help="also run 1m:dense under py-spy and summarize")
     ap.add_argument("--timeout", type=float, default=600.0, help="per broker run, seconds")
@@ -471,9 +448,6 @@ def main() -> None:
         for s, m in configs:
             if s not in SIZES or m not in MODES:
                 ap.error(f"--only {s}:{m}: sizes {list(SIZES)}, modes {list(MODES)}")
-    fixes = tuple(f for f in args.fixes.split(",") if f)
-    if set(fixes) - set(FIXES):
-        ap.error(f"--fixes: choose from {','.join(FIXES)}")
     tmp = Path(tempfile.mkdtemp(prefix="fedmq-ingest-"))
     state_base = args.state_dir or tmp
     results: list[dict[str, Any]] = []
@@ -481,15 +455,10 @@ def main() -> None:
     load0 = os.getloadavg()
     profile_summary = None
     try:
-        runs = [(s, m, "disk", fixes) for s, m in configs]
-        if not args.smoke and not args.no_extra and ("1m", "dense") in configs:
-            if os.path.isdir("/dev/shm"):
-                runs.append(("1m", "dense", "tmpfs", fixes))
-            if not fixes:
-                runs.append(("1m", "dense", "disk", FIXES))
-                if os.path.isdir("/dev/shm"):
-                    runs.append(("1m", "dense", "tmpfs", FIXES))
-        for n, (size, mode, where, fx) in enumerate(runs):
+        runs = [(s, m, "disk") for s, m in configs]
+        if not args.smoke and not args.no_extra and ("1m", "dense") in configs and os.path.isdir("/dev/shm"):
+            runs.append(("1m", "dense", "tmpfs"))
+        for n, (size, mode, where) in enumerate(runs):
             k, rounds = plan.get(size, PLAN.get(size, (4, 3)))
             payloads = one_update_payloads(size, mode, args.chunk_size)
             wire, chunks = sum(len(p) for p in payloads), len(payloads)
@@ -498,17 +467,17 @@ def main() -> None:
             sd = (Path(tempfile.mkdtemp(prefix="fedmq-ingest-", dir="/dev/shm")) if where == "tmpfs"
                   else state_base / f"state-{n}")
             row: dict[str, Any] = {"size": size, "params": param_count(size), "mode": mode, "journal": where,
-                                   "fixes": list(fx), "k": k, "rounds": rounds, "wire_bytes": wire,
+                                   "k": k, "rounds": rounds, "wire_bytes": wire,
                                    "chunks": chunks, "limit_s": lim}
             try:
                 if not args.no_in_process:
-                    ip = in_process(size, mode, k, min(rounds, 4), sd / "inproc", fx, args.chunk_size)
+                    ip = in_process(size, mode, k, min(rounds, 4), sd / "inproc", args.chunk_size)
                     row["in_process_updates_per_s"] = ip["updates"] / ip["seconds"]
                     row["in_process_cpu_ms_per_update"] = 1e3 * ip["cpu_seconds"] / ip["updates"]
                     row["in_process_stages_ms"] = {s: round(t * 1e3, 3) for s, t in ip["per_update_s"].items()}
                     row["in_process_stages_cpu_ms"] = {s: round(t * 1e3, 3) for s, t in ip["per_update_cpu_s"].items()}
                 br = broker_run(size, mode, k, rounds, tmp / f"run-{n}", sd / "master",
-                                publishers=args.publishers, timeout=args.timeout, fixes=fx, chunk_size=args.chunk_size)
+                                publishers=args.publishers, timeout=args.timeout, chunk_size=args.chunk_size)
                 row.update(br)
                 row["limit_ratio"] = (1 / br["updates_per_s"]) / lim if br["updates_per_s"] else None
             except RuntimeError as exc:  # reported, and the other configurations still run
@@ -518,7 +487,7 @@ def main() -> None:
                 if where == "tmpfs":
                     shutil.rmtree(sd, ignore_errors=True)
             results.append(row)
-            print(f"# {size:>4} {mode:>5} journal={where:5} fixes={','.join(fx) or '-'} K={k} {row['updates']} updates "
+            print(f"# {size:>4} {mode:>5} journal={where:5} K={k} {row['updates']} updates "
                   f"{row['updates_per_s']:.1f}/s  in-process {row.get('in_process_updates_per_s', float('nan')):.1f}/s  "
                   f"limit {1 / lim:.1f}/s  ratio {row['limit_ratio']:.2f}  load {os.getloadavg()[0]:.1f}",
                   file=sys.stderr, flush=True)
@@ -526,15 +495,14 @@ def main() -> None:
             prof = tmp / "master-1m-dense.pyspy.txt"
             k, rounds = PLAN["1m"]
             broker_run("1m", "dense", k, rounds, tmp / "run-profile", state_base / "state-profile",
-                       publishers=args.publishers, timeout=args.timeout, profile=prof, fixes=fixes,
-                       chunk_size=args.chunk_size)
+                       publishers=args.publishers, timeout=args.timeout, profile=prof, chunk_size=args.chunk_size)
             profile_summary = summarize_profile(prof)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print_table(results)
     if profile_summary:
-        print(f"\nprofile of the master process (py-spy --threads, 1m dense, fixes: {','.join(fixes) or 'none'}; "
+        print(f"\nprofile of the master process (py-spy --threads, 1m dense; "
               f"{profile_summary['samples']} non-idle samples while serving), by thread: {profile_summary['threads']}")
         print("  self time (function at the top of the stack; C code counts for its Python caller):")
         for name, p in profile_summary["self"]:
@@ -544,7 +512,7 @@ def main() -> None:
             if p >= 2:
                 print(f"    {p:5.1f} %  {name}")
     for r in results:
-        key = f"{r['mode']}_{r['size']}" + ("_tmpfs" if r["journal"] == "tmpfs" else "") + ("_fixed" if r["fixes"] else "")
+        key = f"{r['mode']}_{r['size']}" + ("_tmpfs" if r["journal"] == "tmpfs" else "")
         figures[f"{key}_updates_per_s"] = round(r["updates_per_s"], 2)
         figures[f"{key}_limit_ratio"] = round(r["limit_ratio"], 2)
         figures[f"{key}_limit_updates_per_s"] = round(1 / r["limit_s"], 1)
@@ -552,7 +520,6 @@ def main() -> None:
         if "in_process_updates_per_s" in r:
             figures[f"{key}_in_process_updates_per_s"] = round(r["in_process_updates_per_s"], 2)
             figures[f"{key}_in_process_cpu_ms_per_update"] = round(r["in_process_cpu_ms_per_update"], 3)
-    figures["fixes"] = list(fixes)
     figures["chunk_size"] = args.chunk_size
     figures["smoke"] = args.smoke
     figures["loadavg_before"] = [round(x, 2) for x in load0]
@@ -564,10 +531,10 @@ def main() -> None:
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    print("size   params    mode  journal fixes  K  wire/upd  chunks  updates  upd/s    MB/s  in-proc/s  limit/s  "
+    print("size   params    mode  journal  K  wire/upd  chunks  updates  upd/s    MB/s  in-proc/s  limit/s  "
           "ratio  master ms/upd  broker ms/upd  master RSS MB")
     for r in results:
-        print(f"{r['size']:>4} {r['params']:>9,} {r['mode']:>5} {r['journal']:>7} {'all' if r['fixes'] else '-':>5} {r['k']:>3} "
+        print(f"{r['size']:>4} {r['params']:>9,} {r['mode']:>5} {r['journal']:>7} {r['k']:>3} "
               f"{r['wire_bytes'] / 1e6:8.3f}M {r['chunks']:>6} {r['updates']:>8} {r['updates_per_s']:7.1f} "
               f"{r['updates_per_s'] * r['wire_bytes'] / 1e6:7.1f} {r.get('in_process_updates_per_s', math.nan):10.1f} "
               f"{1 / r['limit_s']:8.1f} {r['limit_ratio']:6.2f} {r['master_cpu_per_update_ms']:14.2f} "
@@ -577,7 +544,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
             st = r["in_process_stages_ms"]
             tot = sum(st.values())
             cp = r["in_process_stages_cpu_ms"]
-            print(f"\nin-process, {r['size']} {r['mode']} (journal on {r['journal']}, fixes: {','.join(r['fixes']) or 'none'}): "
+            print(f"\nin-process, {r['size']} {r['mode']} (journal on {r['journal']}): "
                   f"ms per update by stage, wall (sum {tot:.3f}) and CPU (sum {sum(cp.values()):.3f})")
             for s, t in sorted(st.items(), key=lambda kv: -kv[1]):
                 print(f"  {t:9.3f} {cp.get(s, 0):9.3f}  {100 * t / tot if tot else 0:4.0f} %  {s}")

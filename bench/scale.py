@@ -144,7 +144,7 @@ class Metrics:
 
 
 def fleet_run(n: int, rounds: int, work: Path, *, per_host: int, train: str, timeout: float,
-              fixes: tuple[str, ...], deadline: float) -> dict[str, Any]:
+              deadline: float) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     keys = work / "keys"
     (keys / "allowlist").mkdir(parents=True)
@@ -177,8 +177,6 @@ def fleet_run(n: int, rounds: int, work: Path, *, per_host: int, train: str, tim
         }))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         argv = [sys.executable, "-m", "fedmq", "master", "run", "-c", str(job)]
-        if fixes:
-            argv = [sys.executable, str(HERE / "_ingest_fixes.py"), "--fixes", ",".join(fixes), "-c", str(job)]
         mlog = open(work / "master.log", "wb")
         procs["master"] = subprocess.Popen(argv, stdout=mlog, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         mlog.close()
@@ -245,7 +243,7 @@ def fleet_run(n: int, rounds: int, work: Path, *, per_host: int, train: str, tim
         measured = len(rows) - 1
         span = metrics.arrived[-1] - metrics.arrived[0]
         return {
-            "slaves": n, "rounds": len(rows), "hosts": hosts, "train": train, "fixes": list(fixes),
+            "slaves": n, "rounds": len(rows), "hosts": hosts, "train": train,
             "round_seconds": lat,
             "round_p50_seconds": percentile(lat, 0.5), "round_p99_seconds": percentile(lat, 0.99),
             "round_max_seconds": max(lat),
@@ -292,7 +290,6 @@ def main() -> None:
     ap.add_argument("--per-host", type=int, default=250, help="slaves per host process (default 250)")
     ap.add_argument("--train", choices=("real", "synthetic"), default="real",
                     help="real: run_training on the tiny model; synthetic: a constant delta (protocol only)")
-    ap.add_argument("--fixes", default="", help="run the master with proposed fixes (see bench/_ingest_fixes.py)")
     ap.add_argument("--deadline", type=float, default=120.0, help="round deadline of the job, seconds")
     ap.add_argument("--timeout", type=float, default=None, help="per fleet run, seconds (default 60 + 0.5 s per slave)")
     ap.add_argument("--keep", type=Path, default=None, help="keep logs, configs and state in this directory")
@@ -303,7 +300,6 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, terminate)
     fleets = [args.slaves] if args.slaves else list(FLEETS)
-    fixes = tuple(f for f in args.fixes.split(",") if f)
     fd = raise_fd_limit(4 * max(fleets) + 256)
     load0 = os.getloadavg()
     tmp = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="fedmq-scale-"))
@@ -312,7 +308,7 @@ def main() -> None:
         for n in fleets:
             timeout = args.timeout or 60 + 0.5 * n
             r = fleet_run(n, args.rounds, tmp / f"fleet-{n}", per_host=args.per_host, train=args.train,
-                          timeout=timeout, fixes=fixes, deadline=args.deadline)
+                          timeout=timeout, deadline=args.deadline)
             results.append(r)
             print(f"# {n} slaves: rounds {[round(x, 2) for x in r['round_seconds']]} s; enrollment "
                   f"{r['enrollment_seconds']:.1f} s; load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)

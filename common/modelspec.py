@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fedmq.common.errors import ConfigError, ProtocolError, Reason
+from fedmq.common.tensors import all_finite
 
 # Argument kinds. Values are restricted to numbers, booleans and lists of ints so that a
 # spec cannot smuggle anything that a layer could interpret as code or a file name.
@@ -290,7 +291,7 @@ def validate_state_dict(model: nn.Module, tensors: Mapping[str, Any]) -> None:
             raise ProtocolError(Reason.BAD_TENSOR,
                                 f"{name}: {value.dtype} {tuple(value.shape)}, expected "
                                 f"{ref.dtype} {tuple(ref.shape)}")
-        if not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             raise ProtocolError(Reason.NON_FINITE, f"{name}: contains NaN or Inf")
 
 

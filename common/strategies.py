@@ -127,14 +127,16 @@ def combine(deltas: Sequence[Params], weights: Sequence[float], rule: str = "mea
         raise ValueError(f"unknown rule {rule!r} (expected one of {', '.join(RULES)})")
     n = len(deltas)
     out: Params = {}
+    total = float(sum(weights))
     for name in deltas[0]:
-        stacked = torch.stack([d[name] for d in deltas])
-        if rule == "mean":
-            w = torch.tensor(weights, dtype=stacked.dtype)
-            w = (w / w.sum()).view(-1, *([1] * (stacked.dim() - 1)))
-            out[name] = (w * stacked).sum(0)
+        if rule == "mean":  # accumulated in place: no K x model stack (K 1 M updates = K x 4 MB)
+            first = deltas[0][name]
+            acc = torch.zeros(first.shape, dtype=first.dtype if first.is_floating_point() else torch.get_default_dtype())
+            for d, w in zip(deltas, weights):
+                acc.add_(d[name], alpha=w / total)
+            out[name] = acc
             continue
-        ordered = stacked.sort(dim=0).values
+        ordered = torch.stack([d[name] for d in deltas]).sort(dim=0).values
         if rule == "median":
             out[name] = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
         else:  # trimmed_mean

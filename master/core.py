@@ -69,6 +69,7 @@ class RoundState:
     started: float
     quorum: int
     updates: dict[str, ClientUpdate] = field(default_factory=dict)  # by update_id
+    answered: set[str] = field(default_factory=set)  # participants with an update in this round
     bytes_up: int = 0
     bytes_down_base: dict[str, int] = field(default_factory=dict)
 
@@ -186,15 +187,24 @@ class MasterCore:
             # the strategy has buffered: dropped here, a re-sent one would count twice.
             self.round.deadline = now + self.cfg.policy.deadline
             return [Log("warning", f"round {self.round.number}: no slave online at the deadline; waiting")]
-        fx: list[Effect] = [Log("warning", f"round {self.round.number}: {len(self.round.updates)} update(s) "
-                                           f"at the deadline; re-planning")]
+        return self._replan(now, Log("warning", f"round {self.round.number}: {len(self.round.updates)} update(s) "
+                                                f"at the deadline; re-planning"))
+
+    def _replan(self, now: float, why: Log) -> list[Effect]:
+        """Open the round again with whoever is online. Synchronous: same number and
+        version, and what arrived still counts. Asynchronous: a fresh round number, so
+        every slave online trains again; the buffered updates' ids stay, so a re-sent
+        one is still known."""
         kept, self.round = self.round, None
-        if self.asynchronous:  # a fresh round number: every slave online trains again
+        assert kept is not None
+        if self.asynchronous:
             self.round_number += 1
-        fx += self._maybe_start_round(now, force=True)
-        if self.round is not None:  # same number and version: what arrived still counts
+        fx = [why] + self._maybe_start_round(now, force=True)
+        if self.round is not None:
             self.round.updates.update(kept.updates)
             self.round.bytes_up += kept.bytes_up
+            if not self.asynchronous:
+                self.round.answered |= kept.answered
         return fx
 
     def replay(self, record: Mapping[str, Any]) -> None:
@@ -338,6 +348,12 @@ class MasterCore:
         fx += [Journal(record)] + _ack(token) + self._accept(update, uid, record, now)
         if self._round_complete():
             fx += self._aggregate(now)
+        elif self.asynchronous and self.round is rnd and self._everyone_answered():
+            # The strategy still buffers, and every slave online is idle: without a new
+            # round they would wait for the deadline (forever, with fewer slaves online
+            # than FedBuff's buffer).
+            fx += self._replan(now, Log("info", f"round {rnd.number}: every participant answered, "
+                                                f"version {self.version} still buffering; next round"))
         return fx
 
     def _admit(self, record: Mapping[str, Any], now: float) -> list[Effect]:
@@ -352,6 +368,7 @@ class MasterCore:
         """Count an update in the current round; an asynchronous strategy may yield a version."""
         assert self.round is not None
         self.round.updates[uid] = update
+        self.round.answered.add(update.sender)
         self.round.bytes_up += record["bytes"]
         slave = self.slaves.get(update.sender)
         bytes_in = record["body"].get("metrics", {}).get("bytes_in")
@@ -371,10 +388,12 @@ class MasterCore:
         rnd = self.round
         if self.asynchronous or rnd is None or len(rnd.updates) < max(1, self.cfg.policy.min_updates):
             return False
-        if len(rnd.updates) >= rnd.quorum:
-            return True
-        senders = {u.sender for u in rnd.updates.values()}
-        return all(n in senders or not self.slaves[n].online for n in rnd.participants)
+        return len(rnd.updates) >= rnd.quorum or self._everyone_answered()
+
+    def _everyone_answered(self) -> bool:
+        rnd = self.round
+        assert rnd is not None
+        return all(n in rnd.answered or not self.slaves[n].online for n in rnd.participants)
 
     def _aggregate(self, now: float) -> list[Effect]:
         """Close a synchronous round: the strategy combines its updates into a new version."""

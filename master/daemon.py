@@ -6,6 +6,10 @@ in progress, then re-publishes its retained state. Updates are acknowledged to t
 broker only after the core has journaled them (the effect order guarantees it), so a
 crash loses nothing the broker handed over: unacknowledged messages are redelivered
 to the persistent session, journaled ones are replayed from disk.
+
+Journal records are fsync'd in batches (`GroupCommit`): every ack that follows an
+unsynced record waits for the fsync that covers it, so a burst of updates costs one
+fsync, not one each (docs/BENCHMARKS.md, "Master ingest").
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from fedmq.common.errors import ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.keys import KeyRing, load_identity, public_key_from_raw
 from fedmq.common.modelspec import build_model
-from fedmq.common.shell import JournalFile, Shell, read_cbor_file, write_atomic
+from fedmq.common.shell import GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
 from fedmq.common.workload import evaluate, load_local_data
 
 from .core import MasterCore, make_job_strategy
@@ -48,9 +52,10 @@ def _evaluator(cfg: JobConfig):
 
 
 class MasterDaemon:
-    def __init__(self, cfg: JobConfig, log: logging.Logger | None = None) -> None:
+    def __init__(self, cfg: JobConfig, log: logging.Logger | None = None, *, threads: int = 1) -> None:
         self.cfg = cfg
         self.log = log or logging.getLogger("fedmq.master")
+        torch.set_num_threads(threads)
         identity = load_identity(cfg.master_key)
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -82,20 +87,30 @@ class MasterDaemon:
         for name in ("confirm", "update", "presence"):
             self.shell.transport.subscribe(topics.slaves(name), qos=1)
         self.finished: str | None = None
+        self.acks = GroupCommit(self.journal, self.shell.transport.ack)
 
     def run(self) -> str | None:
         """Serve until the job finishes (returns why) or a signal stops the daemon (None)."""
         self.apply(self.core.start(time.time()), time.time())
         try:
-            self.shell.run(self.handle, lambda now: self.apply(self.core.tick(now), now))
+            self.shell.run(self.handle, self.tick)
         finally:
+            self.acks.commit()
             self.shell.close()
             self.journal.close()
         return self.finished
 
+    def tick(self, now: float) -> None:
+        self.apply(self.core.tick(now), now)
+        self.acks.commit()
+
     def handle(self, kind: str, value: Any, now: float) -> None:
-        if kind != "msg":
-            return
+        if kind == "msg":
+            self._handle_message(value, now)
+        if self.acks.due(time.monotonic(), idle=self.shell.events.empty()):
+            self.acks.commit()
+
+    def _handle_message(self, value: Any, now: float) -> None:
         try:
             received = self.shell.receive(value, now)
         except ProtocolError as exc:
@@ -104,15 +119,15 @@ class MasterDaemon:
                 # not seen acknowledged (the ack was lost with the connection); this daemon
                 # accepted it then, and journaled it if it was an update. Not an attack.
                 self.log.info("redelivered message on %s already received; dropped", value.topic)
-                self.shell.transport.ack(value)
+                self.acks.ack(value, time.monotonic())
                 return
             self.shell.log_rejection(value, exc)
             parsed = self.cfg.topics.parse(value.topic)
             self.apply(self.core.on_rejected(exc.reason, parsed[1] if parsed else None, now), now)
-            self.shell.transport.ack(value)
+            self.acks.ack(value, time.monotonic())
             return
         if received is None:
-            self.shell.transport.ack(value)  # one chunk of a message still incomplete
+            self.acks.ack(value, time.monotonic())  # one chunk of a message still incomplete
             return
         self.apply(self.core.on_message(received, now, token=value), now)
 
@@ -125,8 +140,9 @@ class MasterDaemon:
             elif isinstance(fx, Journal):
                 self.journal.append(fx.record)
             elif isinstance(fx, Ack):
-                self.shell.transport.ack(fx.token)
+                self.acks.ack(fx.token, time.monotonic())
             elif isinstance(fx, Checkpoint):
+                self.acks.commit()  # the checkpoint truncates the journal: ack what it held first
                 state = {**fx.state, "replay": self.shell.inbox.export_replay_state(), "seq": self.shell.sealer.next_seq}
                 write_atomic(self.state_dir / CHECKPOINT, cbor2.dumps(state))
                 self.journal.truncate()
@@ -138,4 +154,3 @@ class MasterDaemon:
                 self.finished = fx.reason
                 self.log.info("job %s finished: %s", self.cfg.job, fx.reason)
                 self.shell.stop()
-

@@ -16,6 +16,11 @@ _config = click.option("--config", "-c", "config", required=True,
                        type=click.Path(dir_okay=False, path_type=Path), help="TOML configuration file.")
 _broker = click.option("--broker", metavar="HOST:PORT", help="Override the [broker] host and port.")
 _verbose = click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+# One torch thread by default: a daemon shares its cores with the broker and the other
+# daemons, and a second OpenMP thread that gets descheduled made torch ops on a 1 M
+# tensor 10-30x slower under load (docs/BENCHMARKS.md, "Master ingest").
+_threads = click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
+                        help="torch threads (aggregation and evaluation, or local training).")
 
 
 def _with_broker(cfg, broker: str | None):
@@ -35,15 +40,16 @@ def master() -> None:
 @master.command("run")
 @_config
 @_broker
+@_threads
 @_verbose
 @user_errors
-def master_run(config: Path, broker: str | None, verbose: bool) -> None:
+def master_run(config: Path, broker: str | None, threads: int, verbose: bool) -> None:
     """Run a job until all its rounds are done (resumes from its checkpoint)."""
     from fedmq.master.daemon import MasterDaemon  # torch import only when running
 
     cfg = _with_broker(load_job(config), broker)
     setup_logging(verbose)
-    MasterDaemon(cfg).run()
+    MasterDaemon(cfg, threads=threads).run()
 
 
 @click.group()
@@ -54,8 +60,7 @@ def slave() -> None:
 @slave.command("run")
 @_config
 @_broker
-@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="torch threads for local training.")
+@_threads
 @_verbose
 @user_errors
 def slave_run(config: Path, broker: str | None, threads: int, verbose: bool) -> None:

@@ -1,0 +1,62 @@
+"""The master's group commit: no ack before the fsync that covers its journal record,
+acks in arrival order, one fsync per batch (common/shell.py `GroupCommit`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fedmq.common.shell import GroupCommit, JournalFile
+
+
+@pytest.fixture
+def journal(tmp_path: Path):
+    j = JournalFile(tmp_path / "journal.cbor")
+    yield j
+    j.close()
+
+
+def recorder(journal: JournalFile, fsyncs: list[int]) -> tuple[list[str], GroupCommit]:
+    sent: list[str] = []
+
+    def send(token: str) -> None:
+        assert not journal.dirty, f"ack {token} sent before the journal was synced"
+        sent.append(token)
+
+    return sent, GroupCommit(journal, send, max_held=3, max_wait=0.05)
+
+
+def test_acks_wait_for_the_fsync_and_keep_their_order(journal, monkeypatch):
+    fsyncs: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real(fd)))
+    sent, gc = recorder(journal, fsyncs)
+
+    gc.ack("chunk-0", now=0.0)  # nothing journaled yet: straight out
+    assert sent == ["chunk-0"]
+    for n in range(2):
+        journal.append({"update_id": f"u{n}"})
+        gc.ack(f"u{n}", now=0.01 * n)
+    gc.ack("rejected", now=0.02)  # not journaled, but behind held acks: waits, keeps order
+    assert sent == ["chunk-0"] and not fsyncs
+    assert gc.due(0.02, idle=False)  # three held: the batch is full
+    gc.commit()
+    assert sent == ["chunk-0", "u0", "u1", "rejected"]
+    assert len(fsyncs) == 1  # one fsync for the batch
+    assert [r["update_id"] for r in journal.records()] == ["u0", "u1"]
+
+
+def test_due_when_idle_or_after_max_wait(journal):
+    sent, gc = recorder(journal, [])
+    assert not gc.due(0.0, idle=True)  # nothing held
+    journal.append({"update_id": "u"})
+    gc.ack("u", now=10.0)
+    assert not gc.due(10.01, idle=False)
+    assert gc.due(10.01, idle=True)  # no more messages waiting
+    assert gc.due(10.06, idle=False)  # held for max_wait
+    gc.commit()
+    assert sent == ["u"] and not gc.held
+    gc.commit()  # nothing to do: no fsync, no ack
+    assert sent == ["u"]
