@@ -40,8 +40,8 @@ __all__ = [
 
 HOST = "127.0.0.1"
 
-#: The Mosquitto configuration rendered for local brokers (a source-tree file).
-MOSQUITTO_TEMPLATE = Path(__file__).resolve().parent.parent / "broker_cfg" / "local-test.conf.tmpl"
+#: The Mosquitto configuration rendered for local brokers (package data: a wheel has it too).
+MOSQUITTO_TEMPLATE = Path(__file__).resolve().parent / "local-broker.conf.tmpl"
 
 # Debian puts mosquitto in /usr/sbin, which is not on a normal user's PATH.
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
