@@ -224,6 +224,7 @@ class Transport:
         # Filters whose first SUBSCRIBE from this process must fetch the retained
         # message even if the resumed session already holds the subscription.
         self._bootstrap: set[str] = set()
+        self._session_filters: set[str] = set()  # sent on this MQTT session (it keeps them if resumed)
         self._next_pause: float | None = None  # reconnect delay after `drop`
         self._pending: deque[tuple[mqtt.MQTTMessageInfo, str]] = deque()  # QoS>0 not yet acked
         self._connection = 0  # incremented on every successful CONNACK
@@ -439,6 +440,7 @@ class Transport:
         with self._lock:
             bootstrap = topic_filter in self._bootstrap
             self._bootstrap.discard(topic_filter)
+            self._session_filters.add(topic_filter)
         if self._client.protocol == mqtt.MQTTv5:
             # Retained messages only for a subscription the session did not already
             # have: a resumed session got them the first time (unless `bootstrap`).
@@ -463,15 +465,19 @@ class Transport:
             self._broker_max_packet = max_packet
             subscriptions = list(self._subscriptions.items())
             bootstrap = set(self._bootstrap)
+            if not flags.session_present:
+                self._session_filters.clear()
+            held = set(self._session_filters)
             self._online = True
         self._last_connect_error = None
         self._log.info("connected to broker %s:%d as %r (MQTT %s, session %s)", cfg.host, cfg.port,
                        self._client_id, self.protocol, "resumed" if flags.session_present else "new")
-        # A resumed MQTT 3.1.1 session still has its subscriptions, and subscribing
-        # again would make the broker resend every retained message (a full model).
-        # Filters still to `bootstrap` are the exception: their retained message is wanted.
+        # A resumed MQTT 3.1.1 session still has the subscriptions it was sent, and
+        # subscribing again would make the broker resend every retained message (a
+        # full model). Filters added while offline, and those still to `bootstrap`
+        # (their retained message is wanted), go out.
         for topic_filter, qos in subscriptions:
-            if client.protocol == mqtt.MQTTv5 or not flags.session_present or topic_filter in bootstrap:
+            if client.protocol == mqtt.MQTTv5 or topic_filter not in held or topic_filter in bootstrap:
                 self._send_subscribe(topic_filter, qos)
         # Only now: a thread that waited for the connection and then publishes must
         # not get its PUBLISH queued ahead of these SUBSCRIBEs, or the broker would

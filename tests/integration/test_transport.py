@@ -364,3 +364,24 @@ def test_packet_larger_than_the_broker_accepts_is_refused_locally(shared_mosquit
     with pytest.raises(ValueError, match="at most 2097152 bytes"):
         pub.publish(f"{unique('big')}/update/s1", bytes(2 * 1024 * 1024))
     assert pub.connected
+
+
+def test_mqtt311_resumed_session_gets_a_subscription_made_while_offline(mosquitto, transports):
+    """MQTT 3.1.1 has no retain handling, so a resumed session is not re-sent the
+    filters it holds -- but one added while the connection was down must go out."""
+    client_id = unique("dev311")
+    before, offline = f"{unique('t')}/before", f"{unique('t')}/offline"
+    inbox = Inbox()
+    device = transports(mosquitto, client_id, inbox, cfg={"protocol": "3.1.1"})
+    device.subscribe(before)
+    assert device.wait_connected(WAIT)
+    pub = transports(mosquitto, unique("pub"))
+    sync(device, inbox, before)
+
+    assert device.drop(pause=1.0)
+    wait_until(lambda: not device.connected, "the drop to be noticed")
+    device.subscribe(offline)  # while the connection is down
+    wait_until(lambda: device.connected, "the reconnect")
+    sync(device, inbox, offline)  # the marker arrives only if the SUBSCRIBE went out
+    pub.publish(before, b"still subscribed")
+    assert inbox.get().payload == b"still subscribed"
