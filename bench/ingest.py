@@ -58,6 +58,7 @@ import psutil  # noqa: E402
 from _ingest_common import JOB, MODES, SIZES, encoded_update, model_spec, param_count, seal_update  # noqa: E402
 
 from fedmq.broker import start_broker  # noqa: E402
+from fedmq.demo import to_toml  # noqa: E402
 from fedmq.common import messages as M  # noqa: E402
 from fedmq.common.channel import Inbox, Sealer  # noqa: E402
 from fedmq.common.chunks import DEFAULT_CHUNK_SIZE  # noqa: E402
@@ -80,15 +81,6 @@ SMOKE_PLAN = {"10k": (3, 3)}
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def toml(data: dict[str, dict[str, Any]]) -> str:
-    out = []
-    for table, values in data.items():
-        out.append(f"[{table}]")
-        out += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-        out.append("")
-    return "\n".join(out)
 
 
 def job_table(size: str, k: int, rounds: int, state_dir: Path, keys: Path, broker: dict[str, Any]) -> dict:
@@ -315,7 +307,7 @@ def broker_run(size: str, mode: str, k: int, rounds: int, work: Path, state_dir:
     try:
         settings = broker.settings
         job = work / "job.toml"
-        job.write_text(toml(job_table(size, k, rounds, state_dir, keys, settings)))
+        job.write_text(to_toml(job_table(size, k, rounds, state_dir, keys, settings)))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         groups = [idents[i::publishers] for i in range(publishers)]
         pub_cfgs = []

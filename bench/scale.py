@@ -45,6 +45,7 @@ import psutil  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from fedmq.broker import start_broker  # noqa: E402
+from fedmq.demo import to_toml  # noqa: E402
 from fedmq.common.keys import Identity, public_pem, write_identity  # noqa: E402
 from fedmq.common.topics import Topics  # noqa: E402
 from fedmq.common.transport import BrokerConfig, Inbound, Transport  # noqa: E402
@@ -54,15 +55,6 @@ ROOT = HERE.parent
 JOB = "fleet"
 MODEL = {"arch": "mlp", "sizes": [8, 4, 2], "seed": 0}
 FLEETS = (100, 300, 1000)
-
-
-def toml(data: dict[str, dict[str, Any]]) -> str:
-    out = []
-    for table, values in data.items():
-        out.append(f"[{table}]")
-        out += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-        out.append("")
-    return "\n".join(out)
 
 
 def raise_fd_limit(need: int) -> int:
@@ -164,7 +156,7 @@ def fleet_run(n: int, rounds: int, work: Path, *, per_host: int, train: str, tim
     try:
         settings = broker.settings
         job = work / "job.toml"
-        job.write_text(toml({
+        job.write_text(to_toml({
             "job": {"id": JOB, "rounds": rounds, "task": JOB, "update": "delta"},
             "model": MODEL,
             "train": {"epochs": 1, "batch_size": 8, "lr": 0.1},

@@ -56,7 +56,7 @@ class DemoResult:
     master_exit: int | None = None
 
 
-def _toml(data: dict[str, dict[str, Any]]) -> str:
+def to_toml(data: dict[str, dict[str, Any]]) -> str:
     """The tiny TOML subset the demo's configs need (tables of scalars and lists)."""
     out = []
     for table, values in data.items():
@@ -110,7 +110,7 @@ class LocalFleet:
         reference_split(num_slaves=n).save(root / "split.npz")
         broker = self.broker
         paths = {"master": config / "job.toml"}
-        paths["master"].write_text(_toml(_merge({
+        paths["master"].write_text(to_toml(_merge({
             "job": {"id": JOB, "rounds": rounds, "task": "digits", "update": "delta"},
             "model": {"arch": "mlp", "sizes": [64, 128, 10], "seed": 0},
             "train": {"epochs": 2, "batch_size": 32, "lr": 0.1},
@@ -122,7 +122,7 @@ class LocalFleet:
         }, job)))
         for i, name in enumerate(self.names):
             paths[name] = config / f"{name}.toml"
-            paths[name].write_text(_toml(_merge({
+            paths[name].write_text(to_toml(_merge({
                 "slave": {"id": name, "job": JOB, "key": f"../private/{name}.key", "master_key": "../keys/master.pub",
                           "data": f"reference:{i}/{n}", "state_dir": f"../state/{name}", "tasks": ["digits"]},
                 "broker": broker,
