@@ -152,7 +152,10 @@ class LocalFleet:
                 proc.wait(timeout=10)
 
     def stop_all(self, timeout: float = 15.0) -> None:
+        """SIGTERM every process (SIGCONT first: a process a drill had stopped would
+        not act on it), SIGKILL those still running after `timeout`."""
         for name in self.procs:
+            self.signal(name, signal.SIGCONT)
             self.signal(name, signal.SIGTERM)
         for name, proc in self.procs.items():
             try:

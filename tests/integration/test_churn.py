@@ -109,12 +109,6 @@ def fleet_factory(mosquitto, tmp_path: Path) -> Iterator[Callable[..., tuple[Loc
 
     yield make
     for fleet, watcher in made:
-        for proc in fleet.procs.values():
-            if proc.poll() is None:
-                try:
-                    proc.send_signal(signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
         fleet.stop_all()
         watcher.close()
 
