@@ -18,7 +18,7 @@ def journal(tmp_path: Path):
     j.close()
 
 
-def recorder(journal: JournalFile, fsyncs: list[int]) -> tuple[list[str], GroupCommit]:
+def recorder(journal: JournalFile) -> tuple[list[str], GroupCommit]:
     sent: list[str] = []
 
     def send(token: str) -> None:
@@ -32,7 +32,7 @@ def test_acks_wait_for_the_fsync_and_keep_their_order(journal, monkeypatch):
     fsyncs: list[int] = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real(fd)))
-    sent, gc = recorder(journal, fsyncs)
+    sent, gc = recorder(journal)
 
     gc.ack("chunk-0", now=0.0)  # nothing journaled yet: straight out
     assert sent == ["chunk-0"]
@@ -49,7 +49,7 @@ def test_acks_wait_for_the_fsync_and_keep_their_order(journal, monkeypatch):
 
 
 def test_due_when_idle_or_after_max_wait(journal):
-    sent, gc = recorder(journal, [])
+    sent, gc = recorder(journal)
     assert not gc.due(0.0, idle=True)  # nothing held
     journal.append({"update_id": "u"})
     gc.ack("u", now=10.0)
