@@ -191,7 +191,7 @@ def in_process(size: str, mode: str, k: int, rounds: int, state_dir: Path,
                 timed("journal append (CBOR + write; fsync per batch)", append, fx.record)
             elif isinstance(fx, Checkpoint):
                 def checkpoint(state=fx.state) -> None:
-                    journal.sync()
+                    acks.commit()  # as MasterDaemon: sync and release the held acks first
                     write_atomic(state_dir / "checkpoint.cbor", cbor2.dumps(state))
                     journal.truncate()
                 timed("checkpoint (CBOR + write + fsync)", checkpoint)
