@@ -171,8 +171,8 @@ def in_process(size: str, mode: str, k: int, rounds: int, state_dir: Path,
 
     acks = GroupCommit(journal, lambda token: None)
 
-    def append(record: dict) -> None:  # as MasterDaemon, as if messages kept coming
-        journal.append(record)
+    def append(record: dict, raw_body: bytes) -> None:  # as MasterDaemon, as if messages kept coming
+        journal.append(record, raw_body)
         acks.ack(object(), time.monotonic())
         if acks.due(time.monotonic(), idle=False):
             acks.commit()
@@ -188,7 +188,7 @@ def in_process(size: str, mode: str, k: int, rounds: int, state_dir: Path,
             elif isinstance(fx, PublishJson):
                 timed("publish: status/metrics JSON", json.dumps, fx.data, default=str)
             elif isinstance(fx, Journal):
-                timed("journal append (CBOR + write; fsync per batch)", append, fx.record)
+                timed("journal append (write; fsync per batch)", append, fx.record, fx.raw_body)
             elif isinstance(fx, Checkpoint):
                 def checkpoint(state=fx.state) -> None:
                     acks.commit()  # as MasterDaemon: sync and release the held acks first
@@ -374,6 +374,50 @@ def broker_run(size: str, mode: str, k: int, rounds: int, work: Path, state_dir:
         broker.stop()
 
 
+def floor_run(payloads: list[bytes], updates: int, work: Path, timeout: float) -> dict[str, Any]:
+    """The transport floor: `updates` copies of one update's chunk stream, through a
+    Mosquitto of our own, into a subscriber that only receives and acks
+    (bench/_ingest_floor.py: the master's Transport, nothing behind it). Publishes
+    from this process, as the publishers do from theirs."""
+    work.mkdir(parents=True, exist_ok=True)
+    broker = start_broker("mosquitto", data_dir=work / "broker")
+    sub = None
+    pub = None
+    try:
+        cfg = work / "floor.json"
+        cfg.write_text(json.dumps({"broker": {"host": broker.host, "port": broker.port}, "job": JOB,
+                                   "messages": updates * len(payloads), "timeout": timeout}))
+        sub = subprocess.Popen([sys.executable, str(HERE / "_ingest_floor.py"), str(cfg)], stdout=subprocess.PIPE,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=ROOT)
+        assert sub.stdout is not None
+        if json.loads(sub.stdout.readline() or b"{}").get("ready") is not True:
+            raise RuntimeError("floor subscriber did not start")
+        mosq = next(c for c in psutil.Process().children() if "mosquitto" in c.name())
+        pub = Transport(broker.broker_config(), f"ingest-floor-pub-{os.getpid()}", lambda _m: None, clean_start=True)
+        pub.start()
+        if not pub.wait_connected(10):
+            raise RuntimeError("floor publisher could not connect")
+        topic = Topics(JOB).slave("update", "pub-000")
+        b0 = sum(mosq.cpu_times()[:2])
+        for _ in range(updates):
+            for p in payloads:
+                pub.publish(topic, p, qos=1)
+        out, _ = sub.communicate(timeout=timeout)
+        b1 = sum(mosq.cpu_times()[:2])
+        res = json.loads(out.decode().strip().splitlines()[-1])
+        if not res.get("complete"):
+            raise RuntimeError(f"floor subscriber got {res.get('messages')} of {updates * len(payloads)} messages")
+        return {"updates_per_s": updates / res["seconds"], "cpu_ms_per_update": 1e3 * res["cpu_seconds"] / updates,
+                "broker_cpu_ms_per_update": 1e3 * (b1 - b0) / updates}
+    finally:
+        if pub is not None:
+            pub.stop()
+        if sub is not None and sub.poll() is None:
+            sub.kill()
+            sub.wait(timeout=10)
+        broker.stop()
+
+
 # ---------------------------------------------------------------- profile summary
 
 
@@ -425,6 +469,7 @@ def main() -> None:
     ap.add_argument("--no-extra", action="store_true",
                     help="skip the extra 1m:dense run with the journal on tmpfs")
     ap.add_argument("--no-in-process", action="store_true", help="skip the in-process harness")
+    ap.add_argument("--no-floor", action="store_true", help="skip the transport floor (receive-and-ack only)")
     ap.add_argument("--profile", action="store_true", help="also run 1m:dense under py-spy and summarize")
     ap.add_argument("--timeout", type=float, default=600.0, help="per broker run, seconds")
     args = ap.parse_args()
@@ -455,7 +500,6 @@ def main() -> None:
             payloads = one_update_payloads(size, mode, args.chunk_size)
             wire, chunks = sum(len(p) for p in payloads), len(payloads)
             lim = limit_seconds(wire, 5 if args.smoke else 20)
-            del payloads
             sd = (Path(tempfile.mkdtemp(prefix="fedmq-ingest-", dir="/dev/shm")) if where == "tmpfs"
                   else state_base / f"state-{n}")
             row: dict[str, Any] = {"size": size, "params": param_count(size), "mode": mode, "journal": where,
@@ -472,10 +516,18 @@ def main() -> None:
                                 publishers=args.publishers, timeout=args.timeout, chunk_size=args.chunk_size)
                 row.update(br)
                 row["limit_ratio"] = (1 / br["updates_per_s"]) / lim if br["updates_per_s"] else None
+                if not args.no_floor and where == "disk":
+                    row["floor"] = fl = floor_run(payloads, k * (rounds - 1), tmp / f"floor-{n}", args.timeout)
+                    # Per update, this machine's cores must at least run the broker, the
+                    # master's MQTT client and the limit's copy + SHA-256: the least wall
+                    # time any master here could take, even with publishers for free.
+                    floor_cpu = (fl["broker_cpu_ms_per_update"] + fl["cpu_ms_per_update"]) / 1e3 + lim
+                    row["ratio_lower_bound"] = floor_cpu / (os.cpu_count() or 1) / lim
             except RuntimeError as exc:  # reported, and the other configurations still run
                 print(f"# {size} {mode} journal={where}: FAILED: {exc}", file=sys.stderr, flush=True)
                 continue
             finally:
+                del payloads
                 if where == "tmpfs":
                     shutil.rmtree(sd, ignore_errors=True)
             results.append(row)
@@ -512,6 +564,11 @@ def main() -> None:
         if "in_process_updates_per_s" in r:
             figures[f"{key}_in_process_updates_per_s"] = round(r["in_process_updates_per_s"], 2)
             figures[f"{key}_in_process_cpu_ms_per_update"] = round(r["in_process_cpu_ms_per_update"], 3)
+        if "floor" in r:
+            figures[f"{key}_floor_updates_per_s"] = round(r["floor"]["updates_per_s"], 2)
+            figures[f"{key}_floor_cpu_ms_per_update"] = round(r["floor"]["cpu_ms_per_update"], 3)
+            figures[f"{key}_floor_broker_cpu_ms_per_update"] = round(r["floor"]["broker_cpu_ms_per_update"], 3)
+            figures[f"{key}_limit_ratio_lower_bound"] = round(r["ratio_lower_bound"], 2)
     figures["chunk_size"] = args.chunk_size
     figures["smoke"] = args.smoke
     figures["loadavg_before"] = [round(x, 2) for x in load0]
@@ -531,6 +588,15 @@ def print_table(results: list[dict[str, Any]]) -> None:
               f"{r['updates_per_s'] * r['wire_bytes'] / 1e6:7.1f} {r.get('in_process_updates_per_s', math.nan):10.1f} "
               f"{1 / r['limit_s']:8.1f} {r['limit_ratio']:6.2f} {r['master_cpu_per_update_ms']:14.2f} "
               f"{r['broker_cpu_per_update_ms']:14.2f} {r['master_rss_mb']:14.0f}")
+    floors = [r for r in results if "floor" in r]
+    if floors:
+        print("\ntransport floor (receive + ack only, same chunks, same broker) and the least ratio this machine allows:")
+        print("size    mode  floor upd/s  client ms/upd  broker ms/upd  limit ms/upd  ratio lower bound  measured ratio")
+        for r in floors:
+            f = r["floor"]
+            print(f"{r['size']:>4} {r['mode']:>7} {f['updates_per_s']:12.1f} {f['cpu_ms_per_update']:14.2f} "
+                  f"{f['broker_cpu_ms_per_update']:14.2f} {1e3 * r['limit_s']:13.2f} {r['ratio_lower_bound']:18.2f} "
+                  f"{r['limit_ratio']:15.2f}")
     for r in results:
         if "in_process_stages_ms" in r:
             st = r["in_process_stages_ms"]

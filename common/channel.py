@@ -11,7 +11,7 @@ Both are pure: time comes in as an argument.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import cbor2
@@ -64,8 +64,13 @@ class Received:
     topic: str
     manifest: Manifest
     body: dict[str, Any]
-    size: int  # bytes of the body on the wire
+    raw: bytes = field(repr=False)  # the verified CBOR `body` was decoded from
     enrolled: bool = True
+
+    @property
+    def size(self) -> int:
+        """Bytes of the body on the wire."""
+        return len(self.raw)
 
     @property
     def kind(self) -> str:
@@ -172,7 +177,7 @@ class Inbox:
         if not isinstance(decoded, dict):
             raise ProtocolError(Reason.BAD_BODY, "body must be a CBOR map")
         self.last_seq[key] = manifest.seq
-        return Received(topic, manifest, decoded, len(body), enrolled)
+        return Received(topic, manifest, decoded, body, enrolled)
 
     # Replay state survives restarts of the master through its checkpoint.
     def export_replay_state(self) -> list[list[Any]]:

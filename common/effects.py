@@ -44,9 +44,15 @@ class Ack:
 
 @dataclass(frozen=True)
 class Journal:
-    """Append one accepted update to the durable journal (fsync) before it is acked."""
+    """Append one accepted update to the durable journal (fsync) before it is acked.
+
+    `record` is what replay needs, its "body" decoded; `raw_body` is that body's CBOR
+    exactly as received and verified. The journal stores the bytes, not a second
+    encoding of the decoded body: a 4 MB update is then one write, not an encode too.
+    """
 
     record: dict[str, Any] = field(repr=False)
+    raw_body: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)

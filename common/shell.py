@@ -162,12 +162,15 @@ def read_cbor_file(path: Path) -> Any | None:
 
 
 class JournalFile:
-    """Append-only CBOR records; `sync` makes every record appended so far durable.
+    """Append-only update records; `sync` makes every record appended so far durable.
 
-    Appending does not fsync: one `sync` covers a batch (group commit), which is what
-    lets the master take a burst of updates at disk speed rather than one fsync each.
-    A crash can leave a torn last record; reading stops there (that record was never
-    acknowledged, so the broker redelivers it).
+    Each record is one CBOR item, `[metadata map, body as a byte string]`: the body is
+    the update's CBOR as received, written as is (its header by hand, then the bytes),
+    so journaling a large update costs a write and no re-encoding; reading decodes it
+    back into the record's "body". Appending does not fsync: one `sync` covers a batch
+    (group commit), which is what lets the master take a burst of updates at disk
+    speed rather than one fsync each. A crash can leave a torn last record; reading
+    stops there (that record was never acknowledged, so the broker redelivers it).
     """
 
     def __init__(self, path: Path) -> None:
@@ -176,8 +179,11 @@ class JournalFile:
         self._f = open(path, "ab")
         self.dirty = False  # appended since the last sync
 
-    def append(self, record: dict[str, Any]) -> None:
-        self._f.write(cbor2.dumps(record))
+    def append(self, record: dict[str, Any], body: bytes) -> None:
+        """Append `record` (its "body" key, if any, is left out) with `body`, CBOR bytes."""
+        meta = {k: v for k, v in record.items() if k != "body"}
+        self._f.write(b"\x82" + cbor2.dumps(meta) + _bytes_header(len(body)))
+        self._f.write(body)
         self._f.flush()
         self.dirty = True
 
@@ -203,11 +209,22 @@ class JournalFile:
                     if f.tell() > start:
                         logging.getLogger(__name__).warning("journal %s: torn record at byte %d ignored", self.path, start)
                     return
-                if isinstance(record, dict):
-                    yield record
+                if isinstance(record, list) and len(record) == 2 and isinstance(record[0], dict):
+                    meta, body = record
+                    yield {**meta, "body": loads(body)}
 
     def close(self) -> None:
         self._f.close()
+
+
+def _bytes_header(n: int) -> bytes:
+    """The CBOR head of a byte string of `n` bytes (major type 2, RFC 8949 3.1)."""
+    if n < 24:
+        return bytes([0x40 | n])
+    for info, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if n < 1 << (8 * width):
+            return bytes([0x40 | info]) + n.to_bytes(width, "big")
+    raise ValueError("byte string too long for CBOR")
 
 
 class GroupCommit:

@@ -345,7 +345,7 @@ class MasterCore:
             return fx + [Log("info", f"update {uid} from {slave.name} not used: {why}")] + _ack(token)
         record = {"update_id": uid, "sender": slave.name, "round": rnd.number, "version": self.version,
                   "bytes": msg.size, "body": dict(body)}
-        fx += [Journal(record)] + _ack(token) + self._accept(update, uid, record, now)
+        fx += [Journal(record, msg.raw)] + _ack(token) + self._accept(update, uid, record, now)
         if self._round_complete():
             fx += self._aggregate(now)
         elif self.asynchronous and self.round is rnd and self._everyone_answered():

@@ -138,7 +138,7 @@ class MasterDaemon:
             elif isinstance(fx, PublishJson):
                 self.shell.publish_json(fx)
             elif isinstance(fx, Journal):
-                self.journal.append(fx.record)
+                self.journal.append(fx.record, fx.raw_body)
             elif isinstance(fx, Ack):
                 self.acks.ack(fx.token, time.monotonic())
             elif isinstance(fx, Checkpoint):
