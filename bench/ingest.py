@@ -6,7 +6,7 @@
 
 For models of 10 K, 100 K, 1 M and 10 M parameters (MLPs), and updates sent dense
 (float32), top-1 % sparse (`coo`, int32 indices + float32 values) or int8-quantized
-(`q8`), it measures three things in one run:
+(`q8`), it measures four things in one run:
 
 * **broker** -- the real thing: a Mosquitto of our own (fedmq.broker.start_broker, free
   port), the real master process (`python -m fedmq master run -c job.toml`, i.e.
@@ -26,6 +26,11 @@ For models of 10 K, 100 K, 1 M and 10 M parameters (MLPs), and updates sent dens
 * **limit** -- a plain copy + SHA-256 of the same number of bytes as one update's
   payloads (best of N): the least any receiver of hash-then-signed messages must do.
   `limit_ratio` = broker time per update / limit time per update.
+* **transport floor** -- the same chunk stream through a fresh Mosquitto into a
+  subscriber that is the master's Transport with nothing behind it
+  (bench/_ingest_floor.py): what paho-mqtt and the broker cost before the master does
+  anything. `limit_ratio_lower_bound` = (broker CPU + floor client CPU + limit) /
+  cores / limit: the least ratio any master on paho could reach on this machine.
 
 The master's journal and checkpoint live in a temporary directory on the disk that
 holds /tmp (use --state-dir to choose); the 1 M dense case is also run with them on

@@ -28,6 +28,8 @@ def test_ingest_smoke(mosquitto_bin: str) -> None:
     assert out["dense_10k_updates_per_s"] > 0
     assert out["dense_10k_limit_ratio"] > 0
     assert out["dense_10k_in_process_updates_per_s"] > 0
+    assert out["dense_10k_floor_updates_per_s"] > 0  # the transport floor ran through its broker
+    assert out["dense_10k_limit_ratio_lower_bound"] > 0
 
 
 def test_scale_smoke(mosquitto_bin: str) -> None:
