@@ -212,6 +212,8 @@ class JournalFile:
                 if isinstance(record, list) and len(record) == 2 and isinstance(record[0], dict):
                     meta, body = record
                     yield {**meta, "body": loads(body)}
+                elif isinstance(record, dict):  # written before 2026-11-30: the record as one map
+                    yield record
 
     def close(self) -> None:
         self._f.close()

@@ -80,3 +80,14 @@ def test_records_come_back_with_their_body_decoded_and_a_torn_tail_is_dropped(jo
     with open(tmp_path / "journal.cbor", "r+b") as f:  # the crash came mid-write
         f.truncate(f.seek(0, os.SEEK_END) - 10)
     assert [r["update_id"] for r in JournalFile(tmp_path / "journal.cbor").records()] == ["small", "big"]
+
+
+def test_a_journal_written_by_an_earlier_version_still_replays(tmp_path):
+    import cbor2
+
+    old = {"update_id": "u0", "round": 2, "body": {"samples": 4}}  # one map per record, as before
+    (tmp_path / "journal.cbor").write_bytes(cbor2.dumps(old))
+    journal = JournalFile(tmp_path / "journal.cbor")
+    journal.append({"update_id": "u1", "round": 2}, cbor2.dumps({"samples": 5}))
+    assert [(r["update_id"], r["body"]) for r in journal.records()] == [("u0", {"samples": 4}), ("u1", {"samples": 5})]
+    journal.close()
