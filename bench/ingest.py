@@ -253,7 +253,7 @@ def in_process(size: str, mode: str, k: int, rounds: int, state_dir: Path,
 class Watch:
     """Metrics JSON of the master (as mosquitto_sub would see it), plus CPU/RSS samples."""
 
-    def __init__(self, broker: BrokerConfig, master: psutil.Process, mosquitto: psutil.Process | None) -> None:
+    def __init__(self, broker: BrokerConfig, master: psutil.Process, mosquitto: psutil.Process) -> None:
         self.rows: list[dict[str, Any]] = []
         self.master, self.mosquitto = master, mosquitto
         self.samples: list[tuple[float, float, float, int]] = []  # (time, master cpu, broker cpu, master rss)
@@ -269,10 +269,10 @@ class Watch:
         try:
             m = self.master.cpu_times()
             rss = self.master.memory_info().rss
-            b = self.mosquitto.cpu_times() if self.mosquitto else None
+            b = self.mosquitto.cpu_times()
         except psutil.Error:
             return
-        self.samples.append((time.monotonic(), m.user + m.system, (b.user + b.system) if b else 0.0, rss))
+        self.samples.append((time.monotonic(), m.user + m.system, b.user + b.system, rss))
 
     def _on(self, msg: Inbound) -> None:
         try:
@@ -331,8 +331,7 @@ def broker_run(size: str, mode: str, k: int, rounds: int, work: Path, state_dir:
         mlog = open(work / "master.log", "wb")
         master = subprocess.Popen(argv, stdout=mlog, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         procs.append(master)
-        mosq = next((c for c in psutil.Process().children() if "mosquitto" in c.name()), None)
-        watch = Watch(broker.broker_config(), _python_child(master), mosq)
+        watch = Watch(broker.broker_config(), _python_child(master), psutil.Process(broker.pid))
         watch.rounds = rounds
         for c in pub_cfgs:
             procs.append(subprocess.Popen([sys.executable, str(HERE / "_ingest_pub.py"), str(c)],
@@ -397,7 +396,7 @@ def floor_run(payloads: list[bytes], updates: int, work: Path, timeout: float) -
         assert sub.stdout is not None
         if json.loads(sub.stdout.readline() or b"{}").get("ready") is not True:
             raise RuntimeError("floor subscriber did not start")
-        mosq = next(c for c in psutil.Process().children() if "mosquitto" in c.name())
+        mosq = psutil.Process(broker.pid)
         pub = Transport(broker.broker_config(), f"ingest-floor-pub-{os.getpid()}", lambda _m: None, clean_start=True)
         pub.start()
         if not pub.wait_connected(10):

@@ -186,10 +186,8 @@ def fleet_run(n: int, rounds: int, work: Path, *, per_host: int, train: str, tim
             procs[f"host-{h}"] = subprocess.Popen([sys.executable, str(HERE / "_scale_host.py"), str(cfg)],
                                                   stdout=subprocess.PIPE, stderr=open(work / f"host-{h}.log", "wb"),
                                                   env=env, cwd=ROOT)
-        mosq = next((c for c in psutil.Process().children() if "mosquitto" in c.name()), None)
         watched = {k: psutil.Process(p.pid) for k, p in procs.items()}
-        if mosq is not None:
-            watched["broker"] = mosq
+        watched["broker"] = psutil.Process(broker.pid)
         sampler = Sampler(watched)
         cpu_marks: list[dict[str, float]] = []
 

@@ -181,8 +181,10 @@ class JournalFile:
 
     def append(self, record: dict[str, Any], body: bytes) -> None:
         """Append `record` (its "body" key, if any, is left out) with `body`, CBOR bytes."""
-        meta = {k: v for k, v in record.items() if k != "body"}
-        self._f.write(b"\x82" + cbor2.dumps(meta) + _bytes_header(len(body)))
+        enc = cbor2.CBOREncoder(self._f)
+        enc.encode_length(4, 2)  # an array of two items:
+        enc.encode({k: v for k, v in record.items() if k != "body"})
+        enc.encode_length(2, len(body))  # the head of a byte string, whose bytes follow as they are
         self._f.write(body)
         self._f.flush()
         self.dirty = True
@@ -217,16 +219,6 @@ class JournalFile:
 
     def close(self) -> None:
         self._f.close()
-
-
-def _bytes_header(n: int) -> bytes:
-    """The CBOR head of a byte string of `n` bytes (major type 2, RFC 8949 3.1)."""
-    if n < 24:
-        return bytes([0x40 | n])
-    for info, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
-        if n < 1 << (8 * width):
-            return bytes([0x40 | info]) + n.to_bytes(width, "big")
-    raise ValueError("byte string too long for CBOR")
 
 
 class GroupCommit:

@@ -148,6 +148,11 @@ class BrokerHandle:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def pid(self) -> int | None:
+        """The broker process's id while started, for tools that sample its CPU and memory."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def settings(self) -> dict[str, object]:
         """The ``[broker]`` table that reaches this broker, for a job or slave TOML file.
 
