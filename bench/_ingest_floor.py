@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from fedmq.common.topics import Topics
-from fedmq.common.transport import BrokerConfig, Inbound, Transport
+from fedmq.common.brokerconfig import BrokerConfig
+from fedmq.common.transport import Inbound, Transport
 
 
 def main() -> int:

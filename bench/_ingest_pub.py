@@ -31,7 +31,8 @@ from fedmq.common.channel import Inbox, Sealer, initial_seq  # noqa: E402
 from fedmq.common.errors import ProtocolError  # noqa: E402
 from fedmq.common.keys import KeyRing, load_identity, load_public_key, raw_public_bytes  # noqa: E402
 from fedmq.common.topics import Topics, split_chunk_topic  # noqa: E402
-from fedmq.common.transport import BrokerConfig, Inbound, Transport  # noqa: E402
+from fedmq.common.brokerconfig import BrokerConfig  # noqa: E402
+from fedmq.common.transport import Inbound, Transport# noqa: E402
 
 
 def main() -> int:

@@ -50,7 +50,7 @@ from fedmq.common.errors import ProtocolError
 from fedmq.common.jobconfig import SlaveConfig
 from fedmq.common.keys import Identity, KeyRing, load_public_key, raw_public_bytes
 from fedmq.common.topics import split_chunk_topic
-from fedmq.common.transport import BrokerConfig
+from fedmq.common.brokerconfig import BrokerConfig
 from fedmq.slave.core import SlaveCore, run_training
 from fedmq.slave.trainer import LocalResult
 

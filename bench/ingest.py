@@ -74,7 +74,8 @@ from fedmq.common.modelspec import build_model  # noqa: E402
 from fedmq.common.shell import GroupCommit, JournalFile, write_atomic  # noqa: E402
 from fedmq.common.strategies import make_strategy  # noqa: E402
 from fedmq.common.topics import Topics  # noqa: E402
-from fedmq.common.transport import BrokerConfig, Inbound, Transport  # noqa: E402
+from fedmq.common.brokerconfig import BrokerConfig  # noqa: E402
+from fedmq.common.transport import Inbound, Transport# noqa: E402
 from fedmq.master.core import MasterCore  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -48,7 +48,8 @@ from fedmq.broker import start_broker  # noqa: E402
 from fedmq.demo import to_toml  # noqa: E402
 from fedmq.common.keys import Identity, public_pem, write_identity  # noqa: E402
 from fedmq.common.topics import Topics  # noqa: E402
-from fedmq.common.transport import BrokerConfig, Inbound, Transport  # noqa: E402
+from fedmq.common.brokerconfig import BrokerConfig  # noqa: E402
+from fedmq.common.transport import Inbound, Transport# noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

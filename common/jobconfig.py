@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from .errors import ConfigError
 from .messages import UPDATE_KINDS
 from .topics import DEFAULT_PREFIX, Topics, check_id
-from .transport import BrokerConfig
+from .brokerconfig import BrokerConfig
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ from .effects import Log, Publish, PublishJson
 from .envelope import keep_tag, loads
 from .errors import ProtocolError
 from .topics import chunk_topic, split_chunk_topic
-from .transport import BrokerConfig, Inbound, Transport
+from .brokerconfig import BrokerConfig
+from .transport import Inbound, Transport
 
 TICK_SECONDS = 0.25
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO
 
 from fedmq.common.errors import FedmqError
-from fedmq.common.transport import BrokerConfig
+from fedmq.common.brokerconfig import BrokerConfig
 
 __all__ = [
     "BrokerHandle", "BrokerStartError", "MOSQUITTO_TEMPLATE",

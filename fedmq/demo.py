@@ -29,7 +29,8 @@ from fedmq.broker import BrokerHandle, start_broker
 from fedmq.common.errors import ConfigError
 from fedmq.common.keys import Identity, write_identity
 from fedmq.common.topics import Topics
-from fedmq.common.transport import BrokerConfig, Inbound, Transport
+from fedmq.common.brokerconfig import BrokerConfig
+from fedmq.common.transport import Inbound, Transport
 
 JOB = "digits"
 

@@ -21,7 +21,8 @@ from fedmq.common.errors import ProtocolError
 from fedmq.common.keys import KeyRing
 from fedmq.common.tensors import describe
 from fedmq.common.topics import DEFAULT_PREFIX, Topics, split_chunk_topic
-from fedmq.common.transport import BrokerConfig, Inbound, Transport
+from fedmq.common.brokerconfig import BrokerConfig
+from fedmq.common.transport import Inbound, Transport
 
 from .decode import _plain
 from .errors import user_errors

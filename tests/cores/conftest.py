@@ -17,7 +17,7 @@ from fedmq.common import messages as M
 from fedmq.common.channel import Inbox, Sealer
 from fedmq.common.effects import Finish, Publish, PublishJson, Subscribe, Train, Trust
 from fedmq.common.errors import ProtocolError
-from fedmq.common.transport import BrokerConfig
+from fedmq.common.brokerconfig import BrokerConfig
 from fedmq.common.jobconfig import JobConfig, RoundPolicy, SlaveConfig, TrainSettings
 from fedmq.common.keys import Identity, KeyRing, public_key_from_raw, raw_public_bytes
 from fedmq.common.modelspec import build_model

@@ -55,7 +55,7 @@ from fedmq.common.errors import ProtocolError
 from fedmq.common.jobconfig import SlaveConfig, TrainSettings
 from fedmq.common.keys import Identity, KeyRing, raw_public_bytes
 from fedmq.common.modelspec import build_model
-from fedmq.common.transport import BrokerConfig
+from fedmq.common.brokerconfig import BrokerConfig
 from fedmq.master.core import MasterCore, make_job_strategy
 from fedmq.slave.core import SlaveCore
 from fedmq.slave.trainer import LocalResult

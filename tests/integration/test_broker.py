@@ -20,7 +20,8 @@ import pytest
 from fedmq.broker import (BrokerHandle, BrokerStartError, _ephemeral_port_range, embedded_available,
                           free_port, start_broker)
 from fedmq.common.errors import ConfigError
-from fedmq.common.transport import BrokerConfig, Inbound, Transport
+from fedmq.common.brokerconfig import BrokerConfig
+from fedmq.common.transport import Inbound, Transport
 
 pytestmark = [pytest.mark.timeout(60)]
 

@@ -30,7 +30,8 @@ from fedmq.common.channel import Inbox
 from fedmq.common.errors import ProtocolError
 from fedmq.common.keys import KeyRing
 from fedmq.common.shell import read_cbor_file
-from fedmq.common.transport import BrokerConfig, Inbound, Transport
+from fedmq.common.brokerconfig import BrokerConfig
+from fedmq.common.transport import Inbound, Transport
 from fedmq.common.workload import reference_split
 from fedmq.demo import JOB, LocalFleet, Watcher
 

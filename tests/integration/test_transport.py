@@ -154,7 +154,8 @@ def test_resumed_session_does_not_repeat_retained_messages(shared_mosquitto, tra
 
 CHILD = """
 import sys, time
-from fedmq.common.transport import BrokerConfig, Transport
+from fedmq.common.brokerconfig import BrokerConfig
+from fedmq.common.transport import Transport
 port, client_id, topic = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 t = Transport(BrokerConfig(port=port, keepalive=5), client_id, lambda m: None)
 t.set_will(topic, b"offline", qos=1, retain=True)
