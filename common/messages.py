@@ -31,10 +31,8 @@ UPDATE_KINDS = ("delta", "gradient", "student")
 @dataclass(frozen=True)
 class Kind:
     name: str
-    sender: str  # "master" or "slave"
     topics: tuple[str, ...]  # topic names (see topics.py) it may travel on
     fields: Mapping[str, type | tuple[type, ...]]
-    retained: bool = False
 
 
 _NUM = (int, float)
@@ -42,18 +40,18 @@ _NUM = (int, float)
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in (
-        Kind(INSTRUCTION, "master", ("instruction",), {
+        Kind(INSTRUCTION, ("instruction",), {
             "task": str, "model": dict, "train": dict, "update": str, "requirements": dict, "round_policy": dict,
-        }, retained=True),
-        Kind(CONFIRM, "slave", ("confirm",), {"public_key": bytes, "samples": int, "capabilities": dict}),
-        Kind(DECLINE, "slave", ("confirm",), {"public_key": bytes, "reason": str}),
-        Kind(MODEL, "master", ("model", "to"), {"tensors": dict}, retained=True),
-        Kind(DELTA, "master", ("delta",), {"base_version": int, "tensors": dict}),
-        Kind(ROUND, "master", ("round",), {"participants": list, "deadline": _NUM, "update": str}, retained=True),
-        Kind(UPDATE, "slave", ("update",), {
+        }),
+        Kind(CONFIRM, ("confirm",), {"public_key": bytes, "samples": int, "capabilities": dict}),
+        Kind(DECLINE, ("confirm",), {"public_key": bytes, "reason": str}),
+        Kind(MODEL, ("model", "to"), {"tensors": dict}),
+        Kind(DELTA, ("delta",), {"base_version": int, "tensors": dict}),
+        Kind(ROUND, ("round",), {"participants": list, "deadline": _NUM, "update": str}),
+        Kind(UPDATE, ("update",), {
             "update_id": str, "kind": str, "base_version": int, "samples": int, "metrics": dict, "tensors": dict,
         }),
-        Kind(PRESENCE, "slave", ("presence",), {"state": str, "version": int}, retained=True),
+        Kind(PRESENCE, ("presence",), {"state": str, "version": int}),
     )
 }
 

@@ -23,7 +23,8 @@ import torch
 
 from fedmq.common import messages as M
 from fedmq.common.channel import Inbox, Sealer, initial_seq
-from fedmq.common.effects import Ack, Checkpoint, Effect, Finish, Journal, Log, Publish, PublishJson, Trust
+from fedmq.common.effects import (MASTER_EFFECTS, Ack, Checkpoint, Effect, Finish, Interpreter, Journal, Log, Publish,
+                                  PublishJson, Trust)
 from fedmq.common.errors import ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.keys import KeyRing, load_identity, public_key_from_raw
@@ -31,7 +32,8 @@ from fedmq.common.modelspec import build_model
 from fedmq.common.shell import GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
 from fedmq.common.workload import evaluate, load_local_data
 
-from .core import MasterCore, make_job_strategy
+from .core import MasterCore
+from .job import make_job_strategy
 
 CHECKPOINT = "checkpoint.cbor"
 JOURNAL = "journal.cbor"
@@ -88,6 +90,8 @@ class MasterDaemon:
             self.shell.transport.subscribe(topics.slaves(name), qos=1)
         self.finished: str | None = None
         self.acks = GroupCommit(self.journal, self.shell.transport.ack)
+        self._now = 0.0
+        self._interpret = self._interpreter()
 
     def run(self) -> str | None:
         """Serve until the job finishes (returns why) or a signal stops the daemon (None)."""
@@ -132,25 +136,28 @@ class MasterDaemon:
         self.apply(self.core.on_message(received, now, token=value), now)
 
     def apply(self, effects: list[Effect], now: float) -> None:
-        for fx in effects:
-            if isinstance(fx, Publish):
-                self.shell.publish(fx, now)
-            elif isinstance(fx, PublishJson):
-                self.shell.publish_json(fx)
-            elif isinstance(fx, Journal):
-                self.journal.append(fx.record, fx.raw_body)
-            elif isinstance(fx, Ack):
-                self.acks.ack(fx.token, time.monotonic())
-            elif isinstance(fx, Checkpoint):
-                self.acks.commit()  # the checkpoint truncates the journal: ack what it held first
-                state = {**fx.state, "replay": self.shell.inbox.export_replay_state(), "seq": self.shell.sealer.next_seq}
-                write_atomic(self.state_dir / CHECKPOINT, cbor2.dumps(state))
-                self.journal.truncate()
-            elif isinstance(fx, Trust):
-                self.shell.inbox.keyring.add(fx.name, public_key_from_raw(fx.public_key))
-            elif isinstance(fx, Log):
-                self.shell.log_effect(fx)
-            elif isinstance(fx, Finish):
-                self.finished = fx.reason
-                self.log.info("job %s finished: %s", self.cfg.job, fx.reason)
-                self.shell.stop()
+        self._now = now
+        self._interpret(effects)
+
+    def _checkpoint(self, fx: Checkpoint) -> None:
+        self.acks.commit()  # the checkpoint truncates the journal: ack what it held first
+        state = {**fx.state, "replay": self.shell.inbox.export_replay_state(), "seq": self.shell.sealer.next_seq}
+        write_atomic(self.state_dir / CHECKPOINT, cbor2.dumps(state))
+        self.journal.truncate()
+
+    def _finish(self, fx: Finish) -> None:
+        self.finished = fx.reason
+        self.log.info("job %s finished: %s", self.cfg.job, fx.reason)
+        self.shell.stop()
+
+    def _interpreter(self) -> Interpreter:
+        return Interpreter({
+            Publish: lambda fx: self.shell.publish(fx, self._now),
+            PublishJson: self.shell.publish_json,
+            Journal: lambda fx: self.journal.append(fx.record, fx.raw_body),
+            Ack: lambda fx: self.acks.ack(fx.token, time.monotonic()),
+            Checkpoint: self._checkpoint,
+            Trust: lambda fx: self.shell.inbox.keyring.add(fx.name, public_key_from_raw(fx.public_key)),
+            Log: self.shell.log_effect,
+            Finish: self._finish,
+        }, covers=MASTER_EFFECTS)

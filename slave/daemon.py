@@ -28,7 +28,7 @@ import torch
 
 from fedmq.common import messages as M
 from fedmq.common.channel import Inbox, Sealer, initial_seq
-from fedmq.common.effects import Effect, Log, Publish, SaveState, Subscribe, Train
+from fedmq.common.effects import SLAVE_EFFECTS, Effect, Interpreter, Log, Publish, SaveState, Subscribe, Train
 from fedmq.common.errors import ProtocolError
 from fedmq.common.jobconfig import SlaveConfig
 from fedmq.common.keys import KeyRing, load_identity, load_public_key, raw_public_bytes
@@ -64,6 +64,8 @@ class SlaveDaemon:
         self._online: bytes = b""
         self._arm_presence()
         self._chaos = random.Random()  # used on the worker thread only
+        self._now = 0.0
+        self._interpret = self._interpreter()
 
     def _arm_presence(self) -> None:
         """Seal the next connection's "online" and then its "offline" will, and register the will.
@@ -113,24 +115,27 @@ class SlaveDaemon:
             self.apply(self.core.on_training_failed(rnd, error), now)
 
     def apply(self, effects: list[Effect], now: float) -> None:
-        for fx in effects:
-            if isinstance(fx, Publish):
-                self.shell.publish(fx, now)
-            elif isinstance(fx, Subscribe):
-                # Retained, possibly chunked. `bootstrap`: a restarted slave resumes its
-                # session, which already has these subscriptions, so the broker would not
-                # resend the retained instruction, model and round -- which this process,
-                # unlike the session, has never seen.
-                retained = fx.topic.endswith(("/model", "/instruction", "/round"))
-                self.shell.transport.subscribe(fx.topic, fx.qos, bootstrap=retained)
-                if retained:
-                    self.shell.transport.subscribe(fx.topic + "/chunk/+", fx.qos, bootstrap=True)
-            elif isinstance(fx, SaveState):
-                self.save(fx.state)
-            elif isinstance(fx, Train):
-                self.worker.submit(self._train, fx)
-            elif isinstance(fx, Log):
-                self.shell.log_effect(fx)
+        self._now = now
+        self._interpret(effects)
+
+    def _subscribe(self, fx: Subscribe) -> None:
+        # Retained, possibly chunked. `bootstrap`: a restarted slave resumes its session,
+        # which already has these subscriptions, so the broker would not resend the
+        # retained instruction, model and round -- which this process, unlike the
+        # session, has never seen.
+        retained = fx.topic.endswith(("/model", "/instruction", "/round"))
+        self.shell.transport.subscribe(fx.topic, fx.qos, bootstrap=retained)
+        if retained:
+            self.shell.transport.subscribe(fx.topic + "/chunk/+", fx.qos, bootstrap=True)
+
+    def _interpreter(self) -> Interpreter:
+        return Interpreter({
+            Publish: lambda fx: self.shell.publish(fx, self._now),
+            Subscribe: self._subscribe,
+            SaveState: lambda fx: self.save(fx.state),
+            Train: lambda fx: self.worker.submit(self._train, fx),
+            Log: self.shell.log_effect,
+        }, covers=SLAVE_EFFECTS)
 
     def save(self, state: dict[str, Any] | None = None) -> None:
         state = {**(state or self.core.state()), "seq": self.shell.sealer.next_seq}
