@@ -47,6 +47,7 @@ class RoundPolicy:
     min_slaves: int = 1  # enrolled, online slaves needed before round 1 starts
     start_wait: float = 30.0  # ...or start with whoever enrolled after this many seconds
     silence_timeout: float = 120.0  # a participant silent this long is presumed offline (0: never)
+    offline_grace: float = 5.0  # an "offline" presence takes effect after this (0: at once); see MasterCore.on_connection
     seed: int = 0  # participant sampling
 
 

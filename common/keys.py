@@ -133,6 +133,14 @@ class KeyRing:
     def __contains__(self, kid: object) -> bool:
         return kid in self._by_kid
 
+    def update_from(self, other: "KeyRing", keep: set[bytes] = frozenset()) -> tuple[list[str], list[str]]:
+        """Become `other` (an allowlist read again), keeping the kids in `keep` (keys
+        learned otherwise); returns the names whose keys were (added, removed)."""
+        added = sorted({name for kid, (name, _) in other._by_kid.items() if kid not in self._by_kid})
+        removed = sorted({name for kid, (name, _) in self._by_kid.items() if kid not in other._by_kid and kid not in keep})
+        self._by_kid = {**{k: v for k, v in self._by_kid.items() if k in keep}, **other._by_kid}
+        return added, removed
+
     def __len__(self) -> int:
         return len(self._by_kid)
 

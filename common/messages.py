@@ -24,6 +24,7 @@ DELTA = "delta"
 ROUND = "round"
 UPDATE = "update"
 PRESENCE = "presence"
+RECONFIRM = "reconfirm"
 
 UPDATE_KINDS = ("delta", "gradient", "student")
 
@@ -41,17 +42,19 @@ KINDS: dict[str, Kind] = {
     k.name: k
     for k in (
         Kind(INSTRUCTION, ("instruction",), {
-            "task": str, "model": dict, "train": dict, "update": str, "requirements": dict, "round_policy": dict,
+            "run": str, "task": str, "model": dict, "train": dict, "update": str, "requirements": dict,
+            "round_policy": dict,
         }),
         Kind(CONFIRM, ("confirm",), {"public_key": bytes, "samples": int, "capabilities": dict}),
         Kind(DECLINE, ("confirm",), {"public_key": bytes, "reason": str}),
-        Kind(MODEL, ("model", "to"), {"tensors": dict}),
+        Kind(MODEL, ("model", "to"), {"run": str, "tensors": dict}),
         Kind(DELTA, ("delta",), {"base_version": int, "tensors": dict}),
-        Kind(ROUND, ("round",), {"participants": list, "deadline": _NUM, "update": str}),
+        Kind(ROUND, ("round",), {"run": str, "participants": list, "received": list, "deadline": _NUM, "update": str}),
         Kind(UPDATE, ("update",), {
             "update_id": str, "kind": str, "base_version": int, "samples": int, "metrics": dict, "tensors": dict,
         }),
         Kind(PRESENCE, ("presence",), {"state": str, "version": int}),
+        Kind(RECONFIRM, ("to",), {"run": str, "reason": str}),
     )
 }
 

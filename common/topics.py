@@ -4,9 +4,10 @@
     PREFIX/JOB/model            master, retained: latest full model (signed)
     PREFIX/JOB/delta            master: model delta from one version to the next (signed)
     PREFIX/JOB/round            master, retained: current round announcement (signed)
-    PREFIX/JOB/to/SLAVE         master -> one slave: initial parameters, verdicts (signed)
+    PREFIX/JOB/to/SLAVE         master -> one slave: its parameters after enrollment, re-confirm requests (signed)
     PREFIX/JOB/status           master, retained: JSON for humans and dashboards
-    PREFIX/JOB/metrics          master: JSON, one message per aggregation
+    PREFIX/JOB/metrics          master, retained: JSON, one message per aggregation
+    PREFIX/JOB/alive            master, retained, also its MQTT will: JSON {"alive": bool}
     PREFIX/JOB/confirm/SLAVE    slave: accepts or declines the instruction (signed)
     PREFIX/JOB/update/SLAVE     slave: gradients / weight delta / student params (signed)
     PREFIX/JOB/presence/SLAVE   slave, retained, also its MQTT will: online/offline (signed)
@@ -30,7 +31,7 @@ DEFAULT_PREFIX = "fedmq"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")  # \Z: "$" would let a trailing newline through
 _PREFIX = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*\Z")
 
-MASTER_TOPICS = ("instruction", "model", "delta", "round", "status", "metrics")
+MASTER_TOPICS = ("instruction", "model", "delta", "round", "status", "metrics", "alive")
 SLAVE_TOPICS = ("confirm", "update", "presence")
 DIRECT = "to"
 CHUNK = "chunk"

@@ -307,3 +307,31 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> dict[
         model.train(was_training)
     n = len(dataset)
     return {"accuracy": correct / n, "loss": loss_sum / n, "samples": n}
+
+
+def data_misfit(model: nn.Module, dataset: Dataset) -> str | None:
+    """Why `dataset` cannot train or evaluate `model` (None if it can).
+
+    Checked before a job relies on the data -- a slave before it confirms, the master
+    on its evaluation set at start -- so a mismatch is one line that names it, not a
+    traceback in every round: the first samples must go through the model, and every
+    label must be a class of its output.
+    """
+    loader = DataLoader(dataset, batch_size=1024)
+    x, _ = next(iter(loader))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x[:8])
+    except Exception as exc:  # noqa: BLE001 - any failure here is the mismatch to report
+        return f"samples with features of shape {list(x.shape[1:])} do not fit the model: {exc}"
+    finally:
+        model.train(was_training)
+    if logits.ndim != 2:
+        return f"the model's output has shape {list(logits.shape)}, not [batch, classes]"
+    classes = logits.shape[1]
+    low, high = min(int(y.min()) for _, y in loader), max(int(y.max()) for _, y in loader)
+    if low < 0 or high >= classes:
+        return f"labels {low}..{high} do not fit the model's {classes} classes (0..{classes - 1})"
+    return None

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def snapshot(core: MasterCore) -> dict[str, Any]:
     model = core.store.checkpoint()
     return {
-        "job": core.cfg.job, "version": model["version"], "round": core.rounds.number, "state": core.phase.state,
+        "job": core.cfg.job, "run": core.run, "version": model["version"], "round": core.rounds.number, "state": core.phase.state,
         "params": model["params"],
         "strategy": encode_tree(core.strategy.state_dict()),
         "applied": core.ledger.applied,
@@ -31,6 +31,7 @@ def snapshot(core: MasterCore) -> dict[str, Any]:
 
 
 def restore(core: MasterCore, state: Mapping[str, Any]) -> None:
+    core.run = state.get("run", core.run)  # checkpoints before runs existed: the shell's new one
     core.store.restore(state["version"], state["params"])
     core.strategy.load_state_dict(decode_tree(state["strategy"]))
     core.rounds.number = state["round"]

@@ -54,12 +54,18 @@ from .rounds import Rounds
 from .schedule import RoundState, keep_bases_for, make_schedule
 
 COALESCE_SECONDS = 1.0  # slave-driven status changes and async round re-announcements: at most one per this
+STATUS_SECONDS = 10.0  # the retained status is republished at least this often: its `updated` is the heartbeat
+RECONFIRM_SECONDS = 30.0  # a slave is asked to confirm again at most once per this
+NO_BODY = b"\xa0"  # an empty CBOR map: the journal body of a record that carries none
 Evaluator = Callable[[Params], Mapping[str, float]]
 
 
 class MasterCore:
-    def __init__(self, cfg: JobConfig, model: nn.Module, strategy: Strategy, *, evaluate: Evaluator | None = None) -> None:
+    def __init__(self, cfg: JobConfig, model: nn.Module, strategy: Strategy, *, evaluate: Evaluator | None = None,
+                 run: str = "0") -> None:
         self.cfg = cfg
+        self.run = run  # this run of the job; a checkpoint brings back the run it belongs to
+        self._fresh = True  # no checkpoint restored: the run must be made durable before it is announced
         self.topics = cfg.topics
         self.model = model
         self.strategy = strategy
@@ -93,12 +99,15 @@ class MasterCore:
     def start(self, now: float) -> list[Effect]:
         """Begin (or, after a restart, resume): (re)publish every retained message."""
         self.started_at = now
-        fx: list[Effect] = [self._instruction()]
+        fx: list[Effect] = []
+        if self._fresh:  # the run id goes out in the instruction: durable first
+            self._fresh = False
+            fx.append(Checkpoint(self.checkpoint_state()))
+        # The model goes out at version 0 too: a slave restarted before version 1 finds it retained.
+        fx += [self._instruction(), self._model_effect()]
         if self.phase.finished:
-            return fx + [self._model_effect(), *self._status(now, force=True), Finish("already finished")]
+            return fx + [*self._status(now, force=True), Finish("already finished")]
         resumed = self.version > 0 or self.phase.state == "training"
-        if resumed:
-            fx.append(self._model_effect())
         self.phase.go("waiting")
         self.rounds.current = None
         fx += self._maybe_start_round(now, force=resumed)
@@ -116,16 +125,39 @@ class MasterCore:
         slave = self.registry.get(msg.sender)
         if slave is not None:
             slave.last_seen = now
+            self.registry.going_offline.pop(msg.sender, None)  # heard from since its "offline"
         if msg.kind in (M.CONFIRM, M.DECLINE):
             return self._on_confirm(msg, now) + _ack(token)
         if msg.kind == M.PRESENCE and msg.enrolled:  # an allowed key, perhaps not confirmed yet
             self.registry.record(msg.sender, now)
-            return self._on_presence(msg.sender, msg.body["state"] == "online", now) + _ack(token)
+            online = msg.body["state"] == "online"
+            fx = self._on_presence(msg.sender, online, now, grace=not online)
+            return fx + (self._ask_to_confirm(msg.sender, now) if online else []) + _ack(token)
         if not self.registry.enrolled(msg.sender):
             self.registry.ignore(msg.sender, "sent an update without being enrolled" if msg.kind == M.UPDATE
                                  else "not enrolled")
-            return self.on_rejected(Reason.NOT_ENROLLED, msg.sender, now) + _ack(token)
+            fx = self.on_rejected(Reason.NOT_ENROLLED, msg.sender, now)
+            return fx + (self._ask_to_confirm(msg.sender, now) if msg.enrolled else []) + _ack(token)
         return self._on_update(msg, now, token)
+
+    def on_connection(self, up: bool, now: float) -> list[Effect]:
+        """The shell's own broker connection came up or went down. "offline" presences
+        still in their grace period are dropped when it goes down: a broker that stops
+        cleanly publishes every client's will first, and those say nothing about the slaves."""
+        if up or not self.registry.going_offline:
+            return []
+        dropped, self.registry.going_offline = sorted(self.registry.going_offline), {}
+        return [Log("info", f"connection to the broker lost: ignoring the offline presence of {len(dropped)} "
+                            f"slave(s) that came just before ({', '.join(dropped[:5])}{', ...' if len(dropped) > 5 else ''})")]
+
+    def on_keys_added(self, names: list[str], now: float) -> list[Effect]:
+        """New keys in the allowlist: ask those slaves to confirm (they may have tried while unknown)."""
+        fx: list[Effect] = []
+        for name in names:
+            if not self.registry.enrolled(name):
+                self.registry.not_enrolled.pop(name, None)
+                fx += [Log("info", f"key of {name} added to the allowlist")] + self._ask_to_confirm(name, now, force=True)
+        return fx
 
     def on_rejected(self, reason: str, sender: str | None, now: float, detail: str = "") -> list[Effect]:
         """Count a rejected message (the shell reports those it could not verify)."""
@@ -136,19 +168,23 @@ class MasterCore:
     def tick(self, now: float) -> list[Effect]:
         if self.phase.finished:
             return []
-        fx: list[Effect] = self.rounds.announce_if_due(now, self.version)
+        fx: list[Effect] = self.rounds.announce_if_due(now, self.version, self.run)
+        for name in self.registry.offline_due(now, self.cfg.policy.offline_grace):
+            fx += self._on_presence(name, False, now)
         if self.round is None:
             fx += self._maybe_start_round(now)
         else:
             fx += self._silent_participants(now)
             if self.round is not None and now >= self.round.deadline:
                 fx += self._deadline(now)
-        return fx + self.board.publish_if_due(self, now)
+        return fx + self.board.publish_if_due(self, now, heartbeat=STATUS_SECONDS)
 
     def replay(self, record: Mapping[str, Any]) -> None:
         """Queue an update from the journal after a restart; it is re-admitted (without a
         second ack: it was acked) when the next round starts."""
-        if not self.ledger.is_applied(record["update_id"]) and self.schedule.replayable(record, self.version):
+        if record.get("type") == "enroll":
+            self.registry.reenroll(record)
+        elif not self.ledger.is_applied(record["update_id"]) and self.schedule.replayable(record, self.version):
             self.ledger.queue_replay(record)
 
     # ------------------------------------------------------------ enrollment and presence
@@ -158,20 +194,42 @@ class MasterCore:
         if admission == "rejected":
             return fx
         if admission == "declined":
-            return fx + self._status(now)
-        fx.append(Publish(self.topics.direct(msg.sender), M.MODEL, self.store.body(), version=self.version))
+            return fx + self._status(now) + self._availability(msg.sender, False, now)
+        # Durable before acted on: the daemon syncs the journal before the model goes out.
+        fx.append(Journal(self.registry.enrollment_record(msg.sender), NO_BODY))
+        fx.append(Publish(self.topics.direct(msg.sender), M.MODEL, self._model_body(), version=self.version))
         return fx + self._join_or_start(msg.sender, now) + self._status(now)
 
-    def _on_presence(self, name: str, online: bool, now: float) -> list[Effect]:
+    def _ask_to_confirm(self, name: str, now: float, *, force: bool = False) -> list[Effect]:
+        """A slave whose key is allowed but that is not enrolled (the master lost its
+        enrollment, or it confirmed while its key was unknown): ask it to confirm again."""
+        rec = self.registry.get(name)
+        if self.registry.enrolled(name) or (rec is not None and rec.declined):
+            return []
+        if not self.registry.should_ask(name, now, 0.0 if force else RECONFIRM_SECONDS):
+            return []
+        return [Publish(self.topics.direct(name), M.RECONFIRM, {"run": self.run, "reason": "not enrolled"})]
+
+    def _on_presence(self, name: str, online: bool, now: float, *, grace: bool = False) -> list[Effect]:
+        """Presence: "offline" takes effect after `offline_grace` unless `grace` is off (the
+        silence timeout waited already); see `on_connection` for why."""
+        if grace and self.cfg.policy.offline_grace > 0 and self.registry.slaves[name].online:
+            self.registry.going_offline.setdefault(name, now)
+            return []
         fx = self.registry.set_online(name, online)
         changed = bool(fx)
-        if online and self.registry.enrolled(name):
-            fx += self._join_or_start(name, now)
-        elif self.round is None:
-            fx += self._maybe_start_round(now)
-        elif not online and self._ready():
-            fx += self._aggregate(now)
+        fx += self._availability(name, online, now)
         return fx + (self._status(now) if changed else [])
+
+    def _availability(self, name: str, online: bool, now: float) -> list[Effect]:
+        """A slave became available (join or start a round) or not (the round may close now)."""
+        if online and self.registry.enrolled(name):
+            return self._join_or_start(name, now)
+        if self.round is None:
+            return self._maybe_start_round(now)
+        if not online and self._ready():
+            return self._aggregate(now)
+        return []
 
     def _silent_participants(self, now: float) -> list[Effect]:
         """Participants that said nothing for `silence_timeout` are presumed offline, so the
@@ -191,7 +249,7 @@ class MasterCore:
         """A slave became available: start a round, or let it join the open one."""
         if self.round is None:
             return self._maybe_start_round(now)
-        return self.rounds.join(name, now, self.version, self.registry.slaves[name].bytes_in)
+        return self.rounds.join(name, now, self.version, self.run, self.registry.slaves[name].bytes_in)
 
     # ------------------------------------------------------------ rounds
 
@@ -202,8 +260,11 @@ class MasterCore:
             return []
         self.phase.go("training")
         fx = self.rounds.open(online, now, self.version, {n: self.registry.slaves[n].bytes_in for n in online})
-        for record in self.ledger.take_replay():
+        rnd = self.round
+        for record in self.ledger.take_replay():  # before the announcement, which lists what the master holds
             fx += self._admit(record, now)
+        if self.round is rnd:  # (an asynchronous re-admission may have made a version and a new round)
+            fx.append(self._announce(now))
         if self._ready():
             fx += self._aggregate(now)
         return fx
@@ -310,7 +371,7 @@ class MasterCore:
         fx: list[Effect] = [
             Checkpoint(self.checkpoint_state()),
             self._model_effect(),
-            PublishJson(self.topics.master("metrics"), {"job": self.cfg.job, **row}),
+            PublishJson(self.topics.master("metrics"), {"job": self.cfg.job, **row}, retain=True),
             Log("info", "round {round}: version {version}, {updates} update(s){acc}".format(
                 acc=f", accuracy {row['accuracy']:.4f}" if "accuracy" in row else "", **row)),
         ]
@@ -322,11 +383,18 @@ class MasterCore:
     # ------------------------------------------------------------ messages out
 
     def _instruction(self) -> Publish:
-        return Publish(self.topics.master("instruction"), M.INSTRUCTION, instruction_body(self.cfg), retain=True)
+        return Publish(self.topics.master("instruction"), M.INSTRUCTION, instruction_body(self.cfg, self.run),
+                       retain=True)
+
+    def _model_body(self) -> dict[str, Any]:
+        return {"run": self.run, **self.store.body()}
 
     def _model_effect(self) -> Publish:
-        return Publish(self.topics.master("model"), M.MODEL, self.store.body(), version=self.version,
+        return Publish(self.topics.master("model"), M.MODEL, self._model_body(), version=self.version,
                        round=self.round_number, retain=True)
+
+    def _announce(self, now: float) -> Publish:
+        return self.rounds.announce(now, self.version, self.run)
 
     def _status(self, now: float, *, force: bool = False) -> list[Effect]:
         return self.board.publish(self, now, force=force)
@@ -339,6 +407,7 @@ class MasterCore:
     def restore(self, state: Mapping[str, Any]) -> None:
         """Load a checkpoint written by `checkpoint_state` (the shell read and decoded it)."""
         checkpoint.restore(self, state)
+        self._fresh = False
 
 
 def _ack(token: Any) -> list[Effect]:

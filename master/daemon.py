@@ -14,8 +14,10 @@ fsync, not one each (docs/BENCHMARKS.md, "Master ingest").
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import uuid
 from typing import Any
 
 import cbor2
@@ -25,22 +27,26 @@ from fedmq.common import messages as M
 from fedmq.common.channel import Inbox, Sealer, initial_seq
 from fedmq.common.effects import (MASTER_EFFECTS, Ack, Checkpoint, Effect, Finish, Interpreter, Journal, Log, Publish,
                                   PublishJson, Trust)
-from fedmq.common.errors import ProtocolError, Reason
+from fedmq.common.errors import ConfigError, ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.keys import KeyRing, load_identity, public_key_from_raw
 from fedmq.common.modelspec import build_model
 from fedmq.common.shell import GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
-from fedmq.common.workload import evaluate, load_local_data
+from fedmq.common.workload import data_misfit, evaluate, load_local_data
 
 from .core import MasterCore
 from .job import make_job_strategy
 
 CHECKPOINT = "checkpoint.cbor"
 JOURNAL = "journal.cbor"
+KEYS_CHECK_SECONDS = 5.0  # how often the allowlist directory is read again
 
 
 def _evaluator(cfg: JobConfig):
-    """Accuracy on the job's evaluation set, if it has one (the master never sees slave data)."""
+    """Accuracy on the job's evaluation set, if it has one (the master never sees slave data).
+
+    Tried once on the initial model here, so a set that does not fit the model stops the
+    master at start with one line, not with a traceback at the first aggregation."""
     if not cfg.eval_data:
         return None
     dataset = load_local_data(cfg.eval_data)
@@ -50,6 +56,8 @@ def _evaluator(cfg: JobConfig):
         model.load_state_dict(params, strict=False)
         return evaluate(model, dataset)
 
+    if why := data_misfit(model, dataset):
+        raise ConfigError(f"master.eval {cfg.eval_data}: {why}")
     return run
 
 
@@ -65,15 +73,12 @@ class MasterDaemon:
         if cfg.enrollment == "open":
             self.log.warning("enrollment mode 'open': any key that confirms is trusted (demos only)")
         model = build_model(cfg.model)
-        self.core = MasterCore(cfg, model, make_job_strategy(cfg), evaluate=_evaluator(cfg))
+        self.core = MasterCore(cfg, model, make_job_strategy(cfg), evaluate=_evaluator(cfg), run=uuid.uuid4().hex[:12])
         inbox = Inbox(ring, cfg.job, self_signed=M.SELF_SIGNED_KINDS)
         checkpoint = read_cbor_file(self.state_dir / CHECKPOINT)
         if checkpoint is not None:
             self.core.restore(checkpoint)
             inbox.load_replay_state(checkpoint.get("replay", []))
-            for slave in self.core.slaves.values():
-                if slave.public_key and cfg.enrollment == "open":
-                    ring.add(slave.name, public_key_from_raw(slave.public_key))
             self.log.info("resumed from checkpoint: version %d, round %d", self.core.version, self.core.round_number)
         sealer = Sealer(identity, cfg.job, seq=initial_seq(time.time(), checkpoint.get("seq", 0) if checkpoint else 0),
                         chunk_size=cfg.chunk_size)
@@ -84,8 +89,15 @@ class MasterDaemon:
             replayed += 1
         if replayed:
             self.log.info("journal: %d record(s) re-admitted for version %d", replayed, self.core.version)
+        self._learned: set[bytes] = set()  # keys trusted by open enrollment (not from the allowlist)
+        for slave in self.core.slaves.values():
+            if slave.public_key and cfg.enrollment == "open":
+                self._learned.add(ring.add(slave.name, public_key_from_raw(slave.public_key)))
+        self._keys_checked = 0.0
         self.shell = Shell(cfg.broker, f"fedmq-master-{cfg.job}", sealer, inbox, self.log, manual_ack=True)
         topics = cfg.topics
+        self.alive_topic = topics.master("alive")
+        self.shell.set_will(self.alive_topic, self._alive(False))
         for name in ("confirm", "update", "presence"):
             self.shell.transport.subscribe(topics.slaves(name), qos=1)
         self.finished: str | None = None
@@ -100,17 +112,44 @@ class MasterDaemon:
             self.shell.run(self.handle, self.tick)
         finally:
             self.acks.commit()
+            # a clean stop says goodbye itself: the broker does not send the will then
+            self.shell.transport.publish(self.alive_topic, self._alive(False), qos=1, retain=True)
             self.shell.close()
             self.journal.close()
         return self.finished
 
+    def _alive(self, alive: bool) -> bytes:
+        """The retained liveness message (and, with alive false, the will): JSON for any MQTT tool."""
+        return json.dumps({"job": self.cfg.job, "alive": alive, "since": round(time.time(), 3)}).encode()
+
     def tick(self, now: float) -> None:
+        if self.cfg.enrollment == "allowlist" and now - self._keys_checked >= KEYS_CHECK_SECONDS:
+            self._keys_checked = now
+            self._reread_allowlist(now)
         self.apply(self.core.tick(now), now)
         self.acks.commit()
+
+    def _reread_allowlist(self, now: float) -> None:
+        """Keys added to (or removed from) the allowlist directory take effect without a restart."""
+        try:
+            fresh = KeyRing.from_dir(self.cfg.slave_keys)
+        except (ConfigError, OSError, ValueError) as exc:
+            self.log.warning("allowlist %s not re-read: %s", self.cfg.slave_keys, exc)
+            return
+        added, removed = self.shell.inbox.keyring.update_from(fresh, keep=self._learned)
+        if removed:
+            self.log.warning("keys removed from the allowlist: %s (their messages are now rejected)", ", ".join(removed))
+        if added:
+            self.apply(self.core.on_keys_added(added, now), now)
 
     def handle(self, kind: str, value: Any, now: float) -> None:
         if kind == "msg":
             self._handle_message(value, now)
+        elif kind == "connected":
+            self.shell.transport.publish(self.alive_topic, self._alive(True), qos=1, retain=True)
+            self.apply(self.core.on_connection(True, now), now)
+        elif kind == "disconnected":
+            self.apply(self.core.on_connection(False, now), now)
         if self.acks.due(time.monotonic(), idle=self.shell.events.empty()):
             self.acks.commit()
 
@@ -150,9 +189,14 @@ class MasterDaemon:
         self.log.info("job %s finished: %s", self.cfg.job, fx.reason)
         self.shell.stop()
 
+    def _publish(self, fx: Publish) -> None:
+        if self.journal.dirty:  # durable before acted on: what the journal holds is on disk before anything goes out
+            self.acks.commit()
+        self.shell.publish(fx, self._now)
+
     def _interpreter(self) -> Interpreter:
         return Interpreter({
-            Publish: lambda fx: self.shell.publish(fx, self._now),
+            Publish: self._publish,
             PublishJson: self.shell.publish_json,
             Journal: lambda fx: self.journal.append(fx.record, fx.raw_body),
             Ack: lambda fx: self.acks.ack(fx.token, time.monotonic()),

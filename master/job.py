@@ -17,10 +17,14 @@ from fedmq.common.strategies import Strategy, make_strategy
 from fedmq.common.tensors import decode_state_dict, encode_state_dict
 
 
-def instruction_body(cfg: JobConfig) -> dict[str, Any]:
-    """The training instruction: everything a slave needs to build and train the model."""
+def instruction_body(cfg: JobConfig, run: str) -> dict[str, Any]:
+    """The training instruction: everything a slave needs to build and train the model.
+
+    `run` tells this run of the job from an earlier one with the same id (a job started
+    over): a new run is a new instruction, which every slave confirms afresh.
+    """
     return {
-        "task": cfg.task, "model": dict(cfg.model), "train": asdict(cfg.train), "update": cfg.update,
+        "run": run, "task": cfg.task, "model": dict(cfg.model), "train": asdict(cfg.train), "update": cfg.update,
         "requirements": {"min_samples": cfg.min_samples},
         "round_policy": {"deadline": cfg.policy.deadline, "participants": cfg.policy.participants,
                          "asynchronous": is_asynchronous(cfg.strategy)},

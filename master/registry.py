@@ -46,6 +46,8 @@ class SlaveRegistry:
         self.rejections = rejections
         self.slaves: dict[str, SlaveRecord] = {}
         self.not_enrolled: dict[str, str] = {}  # name -> why its messages are ignored
+        self.going_offline: dict[str, float] = {}  # name -> when an "offline" came that has not taken effect yet
+        self._asked: dict[str, float] = {}  # name -> when it was last asked to confirm again
 
     def get(self, name: str) -> SlaveRecord | None:
         return self.slaves.get(name)
@@ -103,13 +105,40 @@ class SlaveRegistry:
         self.not_enrolled.pop(name, None)
         return "enrolled", fx + [Log("info", f"{name} enrolled ({rec.samples} samples)")]
 
+    def enrollment_record(self, name: str) -> dict[str, Any]:
+        """What the journal keeps of an enrollment, so a crash before the next checkpoint
+        does not forget it (`reenroll` takes it back)."""
+        rec = self.slaves[name]
+        return {"type": "enroll", "sender": name, "samples": rec.samples, "public_key": rec.public_key}
+
+    def reenroll(self, record: Mapping[str, Any]) -> None:
+        rec = self.record(record["sender"])
+        rec.enrolled, rec.online, rec.declined = True, True, None
+        rec.samples, rec.public_key = record["samples"], record.get("public_key")
+        self.not_enrolled.pop(rec.name, None)
+
+    def should_ask(self, name: str, now: float, every: float) -> bool:
+        """Whether to ask `name` to confirm again now (at most once per `every` seconds)."""
+        if now - self._asked.get(name, float("-inf")) < every:
+            return False
+        self._asked[name] = now
+        return True
+
     # ------------------------------------------------------------ presence
 
     def set_online(self, name: str, online: bool) -> list[Effect]:
         """Record presence; a log line if it changed (the caller re-plans)."""
         rec = self.slaves[name]
+        self.going_offline.pop(name, None)
         was, rec.online = rec.online, online
         return [] if was == online else [Log("info", f"{name} is {'online' if online else 'offline'}")]
+
+    def offline_due(self, now: float, grace: float) -> list[str]:
+        """Slaves whose "offline" is `grace` seconds old with nothing heard since: it takes effect now."""
+        due = [n for n, since in self.going_offline.items() if now - since >= grace]
+        for name in due:
+            del self.going_offline[name]
+        return due
 
     def silent(self, participants: list[str], answered: set[str], since: float, now: float, limit: float) -> list[str]:
         """Participants that said nothing for `limit` seconds (no will came: e.g. a

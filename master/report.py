@@ -63,5 +63,10 @@ class StatusBoard:
         self._at, self.due = now, False
         return [PublishJson(self.topic, status_document(core, now), retain=True)]
 
-    def publish_if_due(self, core: MasterCore, now: float) -> list[Effect]:
-        return self.publish(core, now) if self.due and now - self._at >= self.coalesce else []
+    def publish_if_due(self, core: MasterCore, now: float, *, heartbeat: float) -> list[Effect]:
+        """A change that waited, or the heartbeat: at least every `heartbeat` seconds the
+        status goes out again (its `updated` shows the master is alive, and counters such
+        as rejections change without anything else changing)."""
+        if now - self._at >= heartbeat or (self.due and now - self._at >= self.coalesce):
+            return self.publish(core, now, force=True)
+        return []

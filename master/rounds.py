@@ -38,25 +38,28 @@ class Rounds:
         return force or not waiting or len(online) >= self.policy.min_slaves or waited
 
     def open(self, online: list[str], now: float, version: int, bytes_in: Mapping[str, int]) -> list[Effect]:
+        """Plan the next round; the caller announces it (after re-admitting journaled updates)."""
         rnd = self.current = plan_round(self.policy, self.number, online, now, bytes_in)
-        return [self.announce(now, version),
-                Log("info", f"round {rnd.number} (version {version}): {len(rnd.participants)} participant(s)"
+        return [Log("info", f"round {rnd.number} (version {version}): {len(rnd.participants)} participant(s)"
                             f"{self.schedule.describe(rnd)}")]
 
-    def announce(self, now: float, version: int) -> Publish:
+    def announce(self, now: float, version: int, run: str) -> Publish:
+        """The retained `round`: participants, deadline, and whose update the master holds
+        already (so only the others re-send after a restart or a re-plan)."""
         rnd = self.current
         if rnd is None:
             raise RuntimeError("announcing without an open round")
         self._announced_at, self._announce_due = now, False
-        body = {"participants": rnd.participants, "deadline": rnd.deadline, "update": self.update_kind}
+        body = {"run": run, "participants": rnd.participants, "received": sorted(rnd.answered),
+                "deadline": rnd.deadline, "update": self.update_kind}
         return Publish(self.topics.master("round"), M.ROUND, body, version=version, round=rnd.number, retain=True)
 
-    def announce_if_due(self, now: float, version: int) -> list[Effect]:
+    def announce_if_due(self, now: float, version: int, run: str) -> list[Effect]:
         if self._announce_due and self.current is not None and now - self._announced_at >= self.coalesce:
-            return [self.announce(now, version)]
+            return [self.announce(now, version, run)]
         return []
 
-    def join(self, name: str, now: float, version: int, bytes_in: int) -> list[Effect]:
+    def join(self, name: str, now: float, version: int, run: str, bytes_in: int) -> list[Effect]:
         """Add a slave that became available to the open round, if the schedule lets it join."""
         rnd = self.current
         if rnd is None or not self.schedule.joins_open_round or name in rnd.participants:
@@ -66,7 +69,7 @@ class Rounds:
         if now - self._announced_at < self.coalesce:
             self._announce_due = True
             return []
-        return [self.announce(now, version)]
+        return [self.announce(now, version, run)]
 
     def stall(self) -> RoundState:
         """Take the open round away for re-planning (a fresh number if the schedule says so)."""

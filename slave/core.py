@@ -6,13 +6,19 @@ core's thread because it takes seconds) and then publishes the update. Resume st
 (`SaveState`) is written *before* an update is published, so a slave killed after
 training re-sends the same update (same `update_id`, which the master de-duplicates)
 instead of training twice or losing it.
+
+Every claim can be re-established from either side (docs/PROTOCOL.md section 11.5):
+the slave keeps the instruction it answered, so a restarted slave needs nothing
+retained to make sense of a model; it confirms again when the master asks
+(`reconfirm`) or, unanswered, on its own at growing intervals; a new run of the job
+is a new instruction; and it never goes back to a model older than one it held.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import cbor2
 import torch
@@ -31,6 +37,7 @@ from .trainer import LocalResult, distill_local, train_local
 
 Params = dict[str, torch.Tensor]
 KEEP_DONE_ROUNDS = 64
+CONFIRM_RETRY = (30.0, 300.0)  # an unanswered confirm is sent again after 30 s, doubling up to 5 min
 
 
 @dataclass
@@ -38,6 +45,7 @@ class RoundInfo:
     number: int
     version: int
     participants: list[str]
+    received: list[str]  # participants whose update the master holds already
     deadline: float
 
 
@@ -47,18 +55,33 @@ class SlaveCore:
     public_key: bytes  # raw Ed25519, sent with confirm/decline so an open-enrollment master can learn it
     samples: int
     capabilities: dict[str, Any] = field(default_factory=dict)
+    # Why the local data cannot train a model built from the instruction (None: it can).
+    data_misfit: Callable[[nn.Module], str | None] | None = None
     instruction: dict[str, Any] | None = None
     instruction_digest: bytes = b""
     enrolled: bool = False
+    declined: str | None = None  # why this slave declined the current instruction
     model: nn.Module | None = None
-    version: int = -1
+    version: int = -1  # of the model held in memory
+    floor: int = -1  # the newest version ever held in this run: nothing older is adopted
     round: RoundInfo | None = None
     training: bool = False
     done_rounds: list[int] = field(default_factory=list)
     pending: dict[str, Any] | None = None  # last update body, kept until a newer version arrives
+    _confirmed_at: float | None = None  # an unanswered confirm went out then
+    _retry: float = CONFIRM_RETRY[0]
 
     def __post_init__(self) -> None:
         self.topics = self.cfg.topics
+
+    @property
+    def run(self) -> str | None:
+        return self.instruction.get("run") if self.instruction else None
+
+    @property
+    def asynchronous(self) -> bool:
+        """Asynchronous jobs want updates even from an older version (the master weighs staleness)."""
+        return bool(self.instruction and self.instruction["round_policy"].get("asynchronous"))
 
     # ------------------------------------------------------------ entry points
 
@@ -66,10 +89,17 @@ class SlaveCore:
         """Subscribe; after a restart, pick up where the state file says we were."""
         fx: list[Effect] = [Subscribe(self.topics.master("instruction")), Subscribe(self.topics.direct(self.cfg.slave_id))]
         if saved:
-            self.instruction_digest = bytes(saved.get("instruction_digest", b""))
-            self.enrolled = bool(saved.get("enrolled"))
+            self.instruction = dict(saved["instruction"]) if saved.get("instruction") else None
+            self.instruction_digest = bytes(saved.get("instruction_digest", b"")) if self.instruction else b""
+            self.enrolled = bool(saved.get("enrolled")) and self.instruction is not None
+            self.declined = saved.get("declined")
+            self.floor = int(saved.get("version", -1))
             self.done_rounds = list(saved.get("done_rounds", []))
             self.pending = saved.get("pending")
+        if self.instruction is not None and not self.enrolled:
+            # It confirmed (or declined) before the restart and heard nothing back; the data
+            # may have changed meanwhile: decide again.
+            fx += self._answer(now)
         if self.enrolled:
             fx += self._follow()
         if self.pending is not None:
@@ -85,20 +115,34 @@ class SlaveCore:
             return [Log("warning", f"message on unexpected topic {msg.topic}")]
         M.validate(msg.kind, parsed[0], msg.body)
         if msg.kind == M.INSTRUCTION:
-            return self._on_instruction(msg)
+            return self._on_instruction(msg, now)
+        if msg.kind != M.INSTRUCTION and msg.body.get("run") != self.run:
+            return [Log("info", f"{msg.kind} of run {msg.body.get('run')!r} ignored (the instruction's run is {self.run!r})")]
         if msg.kind == M.MODEL:
-            return self._on_model(msg, now)
+            return self._on_model(msg, now, direct=parsed[0] == "to")
         if msg.kind == M.ROUND:
             b = msg.body
-            self.round = RoundInfo(msg.manifest.round, msg.manifest.version, list(b["participants"]), float(b["deadline"]))
+            self.round = RoundInfo(msg.manifest.round, msg.manifest.version, list(b["participants"]),
+                                   list(b["received"]), float(b["deadline"]))
             return self._resend_pending() + self._maybe_train(now)
+        if msg.kind == M.RECONFIRM:
+            return self._on_reconfirm(now)
         return [Log("warning", f"ignoring {msg.kind} message")]
+
+    def tick(self, now: float) -> list[Effect]:
+        """Confirm again if the last confirm was not answered (the master never had it,
+        or lost it): without this a slave could wait for ever in a state it cannot leave."""
+        if self.enrolled or self._confirmed_at is None or now - self._confirmed_at < self._retry:
+            return []
+        self._retry = min(self._retry * 2, CONFIRM_RETRY[1])
+        return [Log("info", "no answer to the confirm; confirming again")] + self._confirm(now)
 
     def on_trained(self, rnd: int, version: int, result: LocalResult, now: float, bytes_in: int = 0) -> list[Effect]:
         """Local training finished (in the shell's worker): persist, then publish the update."""
         self.training = False
         if version != self.version and not self.asynchronous:
-            return [Log("info", f"round {rnd}: model moved on to version {self.version} while training; dropped")]
+            return [Log("info", f"round {rnd}: model moved on to version {self.version} while training; dropped")
+                    ] + self._maybe_train(now)  # the newer round may be waiting for us
         body = {
             "update_id": f"{self.cfg.slave_id}/{rnd}/{version}", "kind": result.kind, "base_version": version,
             "samples": result.num_samples,
@@ -112,46 +156,43 @@ class SlaveCore:
             Publish(self.topics.slave("update", self.cfg.slave_id), M.UPDATE, body, version=version, round=rnd),
             Log("info", f"round {rnd}: sent {result.kind} update ({result.num_samples} samples, "
                         f"loss {result.metrics.get('train_loss', float('nan')):.4f})"),
-        ] + self._maybe_train(now)  # asynchronous: a newer round may have come meanwhile
-
-    @property
-    def asynchronous(self) -> bool:
-        """Asynchronous jobs want updates even from an older version (the master weighs staleness)."""
-        return bool(self.instruction and self.instruction["round_policy"].get("asynchronous"))
+        ] + self._maybe_train(now)  # a newer round may have come meanwhile
 
     def on_training_failed(self, rnd: int, error: str) -> list[Effect]:
+        """Local training raised: withdraw (a decline the master shows in its status), so no
+        round waits for this slave; a restart decides afresh."""
         self.training = False
-        return [Log("error", f"round {rnd}: local training failed: {error}")]
+        return [Log("error", f"round {rnd}: local training failed: {error}")] + self._decline(
+            f"local training failed: {error}")
 
     def state(self) -> dict[str, Any]:
-        return {"instruction_digest": self.instruction_digest, "enrolled": self.enrolled, "version": self.version,
+        return {"instruction": self.instruction, "instruction_digest": self.instruction_digest,
+                "enrolled": self.enrolled, "declined": self.declined, "version": max(self.floor, self.version),
                 "done_rounds": self.done_rounds, "pending": self.pending}
 
-    # ------------------------------------------------------------ handlers
+    # ------------------------------------------------------------ enrollment
 
-    def _on_instruction(self, msg: Received) -> list[Effect]:
+    def _on_instruction(self, msg: Received, now: float) -> list[Effect]:
         body = msg.body
         digest = hashlib.sha256(cbor2.dumps(body, canonical=True)).digest()
-        if digest == self.instruction_digest and (self.enrolled or self.instruction is not None):
-            if self.instruction is None:
-                self.instruction = dict(body)
+        if digest == self.instruction_digest:
             return []  # the same instruction again (retained redelivery, master restart)
-        why = self._cannot_serve(body)
+        if body["run"] != self.run:  # a new run of the job starts from nothing
+            self.model, self.version, self.floor, self.round = None, -1, -1, None
+            self.done_rounds, self.pending = [], None
         self.instruction_digest, self.instruction = digest, dict(body)
         self.enrolled = False
+        return self._answer(now)
+
+    def _answer(self, now: float) -> list[Effect]:
+        """Confirm the instruction held, or decline it with the reason."""
+        assert self.instruction is not None
+        why = self._cannot_serve(self.instruction)
         if why:
-            return [Log("warning", f"declining instruction: {why}"),
-                    Publish(self.topics.slave("confirm", self.cfg.slave_id), M.DECLINE,
-                            {"public_key": self.public_key, "reason": why}),
-                    SaveState(self.state())]
-        try:
-            self.model = build_model(body["model"])
-        except ConfigError as exc:
-            return [Publish(self.topics.slave("confirm", self.cfg.slave_id), M.DECLINE,
-                            {"public_key": self.public_key, "reason": f"cannot build model: {exc}"})]
-        return [Log("info", f"confirming instruction for task {body['task']!r} ({self.samples} samples)"),
-                Publish(self.topics.slave("confirm", self.cfg.slave_id), M.CONFIRM,
-                        {"public_key": self.public_key, "samples": self.samples, "capabilities": self.capabilities})]
+            return [Log("warning", f"declining instruction: {why}")] + self._decline(why)
+        self.declined = None
+        return [Log("info", f"confirming instruction for task {self.instruction['task']!r} ({self.samples} samples)"),
+                *self._confirm(now), SaveState(self.state())]
 
     def _cannot_serve(self, body: Mapping[str, Any]) -> str | None:
         if self.cfg.tasks and body["task"] not in self.cfg.tasks:
@@ -161,36 +202,66 @@ class SlaveCore:
         need = body["requirements"].get("min_samples", 1)
         if self.samples < need:
             return f"{self.samples} local samples, the job needs {need}"
-        return None
-
-    def _on_model(self, msg: Received, now: float) -> list[Effect]:
-        version = msg.manifest.version
-        if self.instruction is None:
-            return [Log("info", "model received before the instruction; ignored")]
-        if version <= self.version:
-            return []
-        if self.model is None:
-            self.model = build_model(self.instruction["model"])
         try:
-            tensors = M.tensors_of(msg.body)
-            load_float_state(self.model, tensors)
-        except ProtocolError as exc:
-            return [Log("warning", f"rejected model version {version}: {exc}")]
-        first = not self.enrolled
-        self.enrolled, self.version = True, version
-        if self.pending is not None and self.pending["body"]["base_version"] < version:
-            self.pending = None
-        fx: list[Effect] = self._follow() if first else []
+            model = build_model(body["model"])
+        except ConfigError as exc:
+            return f"cannot build model: {exc}"
+        return self.data_misfit(model) if self.data_misfit is not None else None
+
+    def _confirm(self, now: float) -> list[Effect]:
+        self._confirmed_at = now
+        return [Publish(self.topics.slave("confirm", self.cfg.slave_id), M.CONFIRM,
+                        {"public_key": self.public_key, "samples": self.samples, "capabilities": self.capabilities})]
+
+    def _decline(self, why: str) -> list[Effect]:
+        self.declined, self.enrolled, self._confirmed_at = why, False, None
+        return [Publish(self.topics.slave("confirm", self.cfg.slave_id), M.DECLINE,
+                        {"public_key": self.public_key, "reason": why}),
+                SaveState(self.state())]
+
+    def _on_reconfirm(self, now: float) -> list[Effect]:
+        """The master does not count this slave as enrolled (it lost its state, or the key
+        was added to its allowlist after this slave confirmed): confirm again."""
+        if self.declined is not None or self.instruction is None:
+            return []
+        self.enrolled, self._retry = False, CONFIRM_RETRY[0]
+        return [Log("info", "the master asks for a new confirm")] + self._answer(now)
+
+    # ------------------------------------------------------------ models and rounds
+
+    def _on_model(self, msg: Received, now: float, *, direct: bool) -> list[Effect]:
+        version = msg.manifest.version
+        if version < self.floor:
+            return [Log("warning", f"model version {version} refused: this slave held version {self.floor} already")]
+        # A model on this slave's own topic is the master's answer to its confirm.
+        first = direct and not self.enrolled
+        newer = version > self.version
+        if not newer and not first:
+            return []
+        if newer:
+            model = self.model if self.model is not None else build_model(self.instruction["model"])
+            try:
+                load_float_state(model, M.tensors_of(msg.body))
+            except ProtocolError as exc:
+                return [Log("warning", f"rejected model version {version}: {exc}")]
+            self.model, self.version, self.floor = model, version, max(self.floor, version)
+            if self.pending is not None and self.pending["body"]["base_version"] < version:
+                self.pending = None
+        fx: list[Effect] = []
+        if first:
+            self.enrolled, self._confirmed_at, self._retry = True, None, CONFIRM_RETRY[0]
+            fx += self._follow()
         fx += [SaveState(self.state()), Log("info", f"model version {version}")]
         return fx + self._maybe_train(now)
 
     def _resend_pending(self) -> list[Effect]:
-        """A round announced again (master restarted, or re-planned it) may have lost our
-        update: send it again. Its update_id lets the master drop it if it had it."""
+        """A round announced again (master restarted, or re-planned it) that does not list
+        this slave's update as received lost it: send it again (a new message, same
+        update_id). Sent once per need: not when the master says it holds it."""
         rnd, p = self.round, self.pending
         if rnd is None or p is None or p["round"] != rnd.number or p["body"]["base_version"] != rnd.version:
             return []
-        if self.cfg.slave_id not in rnd.participants:
+        if self.cfg.slave_id not in rnd.participants or self.cfg.slave_id in rnd.received:
             return []
         return [Publish(self.topics.slave("update", self.cfg.slave_id), M.UPDATE, p["body"],
                         version=rnd.version, round=rnd.number)]

@@ -33,7 +33,7 @@ from fedmq.common.errors import ProtocolError
 from fedmq.common.jobconfig import SlaveConfig
 from fedmq.common.keys import KeyRing, load_identity, load_public_key, raw_public_bytes
 from fedmq.common.shell import Shell, read_cbor_file, write_atomic
-from fedmq.common.workload import load_local_data
+from fedmq.common.workload import data_misfit, load_local_data
 
 from .core import SlaveCore, run_training
 
@@ -57,7 +57,8 @@ class SlaveDaemon:
         self.saved = read_cbor_file(self.state_path) or {}
         sealer = Sealer(identity, cfg.job, seq=initial_seq(time.time(), self.saved.get("seq", 0)))
         capabilities = {"update": list(cfg.update_kinds), "torch": torch.__version__, "machine": platform.machine()}
-        self.core = SlaveCore(cfg, raw_public_bytes(identity.public_key), len(self.dataset), capabilities)
+        self.core = SlaveCore(cfg, raw_public_bytes(identity.public_key), len(self.dataset), capabilities,
+                              data_misfit=lambda model: data_misfit(model, self.dataset))
         self.shell = Shell(cfg.broker, cfg.slave_id, sealer, Inbox(ring, cfg.job), self.log)
         self.presence_topic = cfg.topics.slave("presence", cfg.slave_id)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
@@ -88,7 +89,7 @@ class SlaveDaemon:
     def run(self) -> None:
         self.apply(self.core.start(time.time(), self.saved), time.time())
         try:
-            self.shell.run(self.handle, lambda now: None)
+            self.shell.run(self.handle, lambda now: self.apply(self.core.tick(now), now))
         finally:
             self.worker.shutdown(wait=False, cancel_futures=True)
             # a clean stop says goodbye itself: the broker does not send the will then

@@ -159,8 +159,8 @@ class Bus:
 
     def tick(self, seconds: float) -> None:
         self.now += seconds
-        for node in self.nodes.values():
-            if node.alive and isinstance(node.core, MasterCore):
+        for node in list(self.nodes.values()):
+            if node.alive:
                 self.run(node.name, node.core.tick(self.now))
         self.pump()
 

@@ -285,7 +285,8 @@ class FleetBus(Bus):
     def run_master(self, effects: list[Any]) -> None:
         node = self.nodes["master"]
         # Journal before ack: no Journal of an update may come after the Ack of its message.
-        journal_at = {fx.record["update_id"]: i for i, fx in enumerate(effects) if isinstance(fx, Journal)}
+        journal_at = {fx.record["update_id"]: i for i, fx in enumerate(effects)
+                      if isinstance(fx, Journal) and "update_id" in fx.record}
         for i, fx in enumerate(effects):
             if isinstance(fx, Ack):
                 uid = self.token_uid.get(fx.token)
@@ -312,7 +313,8 @@ class FleetBus(Bus):
 
     def _journal(self, fx: Journal) -> None:
         self.journal.append(cbor2.dumps(fx.record))
-        self.ledger.journaled.add(fx.record["update_id"])
+        if "update_id" in fx.record:  # (enrollments are journaled too)
+            self.ledger.journaled.add(fx.record["update_id"])
         if self.crash_on_journal:  # the process dies between the journal write and the ack
             self.crash_on_journal = False
             raise MasterCrash
@@ -327,7 +329,7 @@ class FleetBus(Bus):
         self.checkpoint = cbor2.dumps(state)
         self.ledger.commit(fx.state["version"])
         # the journal starts afresh: whatever it held must be in this checkpoint's model
-        dropped = {cbor2.loads(raw)["update_id"] for raw in self.journal} - self.ledger.durable
+        dropped = {r["update_id"] for r in map(cbor2.loads, self.journal) if "update_id" in r} - self.ledger.durable
         assert not dropped, f"checkpoint drops journaled updates it does not contain: {sorted(dropped)[:5]}"
         self.journal.clear()
         self.versions_at.append((self.now, fx.state["version"]))
@@ -354,7 +356,8 @@ class FleetBus(Bus):
         node.sealer = Sealer(self.master_identity, self.cfg.job, seq=initial_seq(self.now, state["seq"] if state else 0))
         for raw in self.journal:
             record = cbor2.loads(raw)
-            self.ledger.must_apply.add(record["update_id"])
+            if "update_id" in record:
+                self.ledger.must_apply.add(record["update_id"])
             core.replay(record)
         # the broker redelivers what was handed over but not acknowledged
         pending = sorted(self.unacked.items())

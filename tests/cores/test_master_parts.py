@@ -141,10 +141,12 @@ def test_async_schedule_leaves_versions_to_the_strategy_and_waits_when_nobody_is
 def test_rounds_coalesce_join_announcements_and_carry_what_arrived_over_a_replan() -> None:
     sched = SyncRounds(make_strategy({"name": "fedavg"}), RoundPolicy())
     rounds = Rounds(RoundPolicy(deadline=10.0), sched, TOPICS, "delta", coalesce=1.0)
-    fx = rounds.open(["a", "b"], 0.0, 0, {"a": 0, "b": 0})
-    assert isinstance(fx[0], Publish) and fx[0].body["participants"] == ["a", "b"] and fx[0].round == 1
-    assert rounds.join("c", 0.5, 0, 0) == [], "a synchronous round takes no joiners"
+    rounds.open(["a", "b"], 0.0, 0, {"a": 0, "b": 0})
     rounds.current.count("a/1/0", _update("a"), 10)
+    announced = rounds.announce(0.0, 0, "run-1")
+    assert announced.body == {"run": "run-1", "participants": ["a", "b"], "received": ["a"], "deadline": 10.0,
+                              "update": "delta"} and announced.round == 1
+    assert rounds.join("c", 0.5, 0, "run-1", 0) == [], "a synchronous round takes no joiners"
     kept = rounds.stall()
     assert rounds.number == 1, "a synchronous re-plan keeps the round number"
     rounds.open(["b", "c"], 11.0, 0, {"b": 0, "c": 0})
@@ -154,9 +156,10 @@ def test_rounds_coalesce_join_announcements_and_carry_what_arrived_over_a_replan
     async_rounds = Rounds(RoundPolicy(), AsyncRounds(make_async_strategy({"name": "fedbuff"}), RoundPolicy()),
                           TOPICS, "delta", coalesce=1.0)
     async_rounds.open(["a"], 0.0, 0, {"a": 0})
-    assert async_rounds.join("b", 0.5, 0, 0) == [], "within the coalescing window: announced on a tick"
+    async_rounds.announce(0.0, 0, "run-1")
+    assert async_rounds.join("b", 0.5, 0, "run-1", 0) == [], "within the coalescing window: announced on a tick"
     assert async_rounds.current.participants == ["a", "b"]
-    (late,) = async_rounds.announce_if_due(1.5, 0)
+    (late,) = async_rounds.announce_if_due(1.5, 0, "run-1")
     assert late.body["participants"] == ["a", "b"]
     async_rounds.stall()
     assert async_rounds.number == 2, "an asynchronous re-plan takes a new number"

@@ -19,17 +19,25 @@ def test_rounds_run_to_completion_and_learn(fleet):
 def test_journal_precedes_ack_and_checkpoint_precedes_publish(fleet):
     bus = fleet(2, rounds=2, policy={"min_slaves": 2})
     fx = bus.effects["master"]
-    journals = [i for i, e in enumerate(fx) if isinstance(e, Journal)]
+    journals = [i for i, e in enumerate(fx) if isinstance(e, Journal) and "update_id" in e.record]
     assert len(journals) == 4  # two slaves, two rounds
     for i in journals:  # an accepted update is acked right after it is journaled
         assert isinstance(fx[i + 1], Ack) and fx[i + 1].token[1] == f"fedmq/digits/update/{fx[i].record['sender']}"
     for i, e in enumerate(fx):  # and an update is never acked otherwise, unless dropped with a reason
         if isinstance(e, Ack) and "/update/" in e.token[1]:
             assert isinstance(fx[i - 1], (Journal, Log))
+    # an enrollment is journaled before the slave gets its model, and before its confirm is acked
+    enrollments = {e.record["sender"]: i for i, e in enumerate(fx) if isinstance(e, Journal) and e.record.get("type") == "enroll"}
+    assert sorted(enrollments) == ["slave-0", "slave-1"]
+    for name, i in enrollments.items():
+        sent = next(j for j, e in enumerate(fx) if isinstance(e, Publish) and e.topic.endswith(f"/to/{name}"))
+        acked = next(j for j, e in enumerate(fx) if isinstance(e, Ack) and e.token[1].endswith(f"/confirm/{name}"))
+        assert i < sent < acked
     model_pubs = [i for i, e in enumerate(fx) if isinstance(e, Publish) and e.topic.endswith("/model")]
     ckpts = [i for i, e in enumerate(fx) if isinstance(e, Checkpoint)]
-    assert len(ckpts) == 2
-    for c in ckpts:
+    assert len(ckpts) == 3, "the run at start, then one per version"
+    assert ckpts[0] == 0, "the run is durable before anything goes out"
+    for c in ckpts[1:]:
         assert any(p == c + 1 for p in model_pubs), "the new version is published right after its checkpoint"
 
 
@@ -106,7 +114,9 @@ def test_master_restart_mid_round_keeps_journaled_updates(fleet):
     bus.run("master", new.start(bus.now))
     bus.pump()
     assert new.round is not None and len(new.round.updates) == 2
-    assert new.duplicates == 2, "the slaves re-sent their updates for the re-announced round; both were known"
+    announced = [fx for fx in bus.effects["master"] if isinstance(fx, Publish) and fx.topic.endswith("/round")][-1]
+    assert announced.body["received"] == ["slave-0", "slave-1"]
+    assert new.duplicates == 0, "the re-announced round lists both journaled updates as received: nobody re-sends"
     bus.tick(31.0)
     assert new.version == 1 and new.history[-1]["updates"] == 2
 
