@@ -189,10 +189,10 @@ def render_readme(accounts: JobAccounts, layout: BrokerLayout, hosts: Sequence[s
     example = accounts.slaves[0]
     account = accounts.slave(example)
     if layout.client_auth == "certificate":
-        login = [f'tls_cert = "/etc/fedmq/{account}.crt"              # certs/{account}.crt',
-                 f'tls_key = "/etc/fedmq/keys/{account}.key"          # certs/{account}.key, mode 0600']
+        login = [f'tls_cert = "/etc/fedmq/{account}.crt"                 # certs/{account}.crt',
+                 f'tls_key = "/etc/fedmq/keys/{account}.key"             # certs/{account}.key, mode 0600']
         device_files = "certs/ACCOUNT.crt and .key"
-        how = "by hand"
+        how = "By hand"
     else:
         login = [f'username = "{account}"',
                  f'password_file = "/etc/fedmq/keys/{example}.broker-password"   # passwords/{account}']
