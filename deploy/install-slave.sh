@@ -4,15 +4,16 @@
 #   sudo deploy/install-slave.sh --id ID --job JOB --broker HOST[:PORT] \
 #        --master-key master.pub --data DATA [options]
 #
-#   --id ID               slave id: MQTT client id and broker user name (A-Z a-z 0-9 _ . -)
+#   --id ID               slave id (A-Z a-z 0-9 _ . -); broker account and MQTT client id: ID@JOB
 #   --job JOB             job id to serve
 #   --broker HOST[:PORT]  the Mosquitto broker (port 8883 with TLS, else 1883)
 #   --master-key FILE     the master's public key (master.pub), pinned by the slave
 #   --data DATA           the local training data (a path, or a source such as
 #                         reference:0/8 for the bundled digits demo data)
-#   --ca FILE             CA certificate of the broker (broker_cfg/gen-certs.sh ca.crt);
+#   --ca FILE             CA certificate of the broker (certs/ca.crt of fedmq broker config);
 #                         turns TLS on. --tls: TLS with the system's CAs instead.
-#   --password-file FILE  broker password of user ID; without it one is generated
+#   --password-file FILE  broker password of account ID@JOB (passwords/ID@JOB of fedmq broker
+#                         config); without it one is generated
 #   --source SPEC         what pip installs as fedmq (default: this source tree)
 #   --torch-index URL     pip index for torch (default: PyTorch's CPU-only wheels)
 #   --no-start            install and enable, but do not start the service
@@ -127,7 +128,7 @@ else
         echo "[broker]"
         echo "host = \"$host\""
         echo "port = $port"
-        echo "username = \"$id\""
+        echo "username = \"$id@$job\""
         echo "password_file = \"$credentials/broker-password\""
         if [ -n "$ca" ]; then
             echo "tls_ca = \"$ETC/ca.crt\""
@@ -153,10 +154,11 @@ cat <<EOF
 Done. Still to do elsewhere:
   1. On the master: enrol this slave by copying its public key
        $ETC/keys/$id.pub   to the master's enrollment directory (/etc/fedmq/slaves/).
-  2. On the broker: give user $id the password in $secret
-     (copy the file over securely), e.g.
-       mosquitto_passwd -b /etc/mosquitto/fedmq.passwd $id "\$(cat $id.broker-password)"
-     then: systemctl reload mosquitto
+  2. On the broker: account $id@$job needs the password in $secret and its ACL
+     rules. Unless that password came from fedmq broker config (--password-file),
+     copy it over securely to passwords/$id@$job in the job's broker directory,
+     run fedmq broker config --update with $id in --slaves, re-install fedmq.passwd
+     and fedmq.acl, then: systemctl reload mosquitto (docs/OPERATIONS.md, section 1)
   3. Let the service read the data: chgrp -R fedmq DATA && chmod -R g+rX DATA
      (data under /home is hidden from the service).
 Watch it:  journalctl -fu fedmq-slave@$id

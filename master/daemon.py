@@ -30,6 +30,7 @@ from fedmq.common.jobconfig import JobConfig
 from fedmq.common.keys import KeyRing, load_identity, public_key_from_raw
 from fedmq.common.modelspec import build_model
 from fedmq.common.shell import GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
+from fedmq.common.topics import master_client_id
 from fedmq.common.workload import evaluate, load_local_data
 
 from .core import MasterCore
@@ -84,7 +85,7 @@ class MasterDaemon:
             replayed += 1
         if replayed:
             self.log.info("journal: %d record(s) re-admitted for version %d", replayed, self.core.version)
-        self.shell = Shell(cfg.broker, f"fedmq-master-{cfg.job}", sealer, inbox, self.log, manual_ack=True)
+        self.shell = Shell(cfg.broker, master_client_id(cfg.job), sealer, inbox, self.log, manual_ack=True)
         topics = cfg.topics
         for name in ("confirm", "update", "presence"):
             self.shell.transport.subscribe(topics.slaves(name), qos=1)

@@ -33,6 +33,7 @@ from fedmq.common.errors import ProtocolError
 from fedmq.common.jobconfig import SlaveConfig
 from fedmq.common.keys import KeyRing, load_identity, load_public_key, raw_public_bytes
 from fedmq.common.shell import Shell, read_cbor_file, write_atomic
+from fedmq.common.topics import slave_client_id
 from fedmq.common.workload import load_local_data
 
 from .core import SlaveCore, run_training
@@ -58,7 +59,7 @@ class SlaveDaemon:
         sealer = Sealer(identity, cfg.job, seq=initial_seq(time.time(), self.saved.get("seq", 0)))
         capabilities = {"update": list(cfg.update_kinds), "torch": torch.__version__, "machine": platform.machine()}
         self.core = SlaveCore(cfg, raw_public_bytes(identity.public_key), len(self.dataset), capabilities)
-        self.shell = Shell(cfg.broker, cfg.slave_id, sealer, Inbox(ring, cfg.job), self.log)
+        self.shell = Shell(cfg.broker, slave_client_id(cfg.slave_id, cfg.job), sealer, Inbox(ring, cfg.job), self.log)
         self.presence_topic = cfg.topics.slave("presence", cfg.slave_id)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
         self._online: bytes = b""

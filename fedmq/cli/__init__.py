@@ -6,6 +6,7 @@ import click
 
 from fedmq import __version__
 
+from .broker import broker
 from .decode import decode
 from .demo import demo
 from .keys import keys
@@ -25,3 +26,4 @@ main.add_command(master)
 main.add_command(slave)
 main.add_command(demo)
 main.add_command(monitor)
+main.add_command(broker)
