@@ -218,14 +218,14 @@ check_data() {
             need_sklearn=yes
             say "--data $data: the bundled digits demo data (scikit-learn is installed for it)" ;;
         *.npz|*.csv|*.NPZ|*.CSV)
-            [ -e "$data" ] || die "--data $data does not exist"
-            data=$(realpath "$data")
-            [ -f "$data" ] || die "--data $data is not a file"
+            data=$(realpath -m "$data")
             case $data/ in
                 /home/*|/root/*|/run/user/*)
                     die "--data $data: the service cannot see /home, /root or /run/user (ProtectHome=yes);" \
                         "move the data, e.g. to /srv/fedmq/" ;;
             esac
+            [ -e "$data" ] || die "--data $data does not exist"
+            [ -f "$data" ] || die "--data $data is not a file"
             [ -r "$data" ] || die "--data $data is not readable"
             ;;
         *:*)
