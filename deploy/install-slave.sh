@@ -409,8 +409,8 @@ if [ $pip = yes ]; then
     run python3 -m venv "$PREFIX" || die "python3 -m venv failed (Debian/Ubuntu: apt-get install python3-venv)"
     say "pip: upgrading pip itself"
     run "$PREFIX/bin/pip" install --quiet --upgrade pip
-    say "pip: $torch_spec, CPU build from $torch_index: a download of ~200 MB and"
-    say "     ~700 MB on disk; several minutes on a Raspberry Pi (pip shows its progress)"
+    say "pip: $torch_spec, CPU build from $torch_index: a download of ~190 MB, ~860 MB"
+    say "     on disk with its dependencies (x86_64); minutes on a Raspberry Pi (pip shows its progress)"
     run "$PREFIX/bin/pip" install --progress-bar on "$torch_spec" --index-url "$torch_index"
     extra=()
     if [ $need_sklearn = yes ]; then

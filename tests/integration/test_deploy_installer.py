@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import struct
@@ -343,6 +344,34 @@ def test_uninstall_keeps_the_identity_and_state_unless_purged(root: Path, master
     assert not (root / "opt" / "fedmq").exists() and not (units / "fedmq-slave@.service").exists()
     assert not etc.exists()
     assert install(root, "--id", "s2", "--uninstall").returncode == 0  # nothing left: still fine
+
+
+def documented_installer_commands() -> list[list[str]]:
+    """Every `deploy/install-slave.sh ...` command in docs/OPERATIONS.md, as argv."""
+    text = (REPO / "docs" / "OPERATIONS.md").read_text().replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in text.splitlines()
+            if line.startswith("deploy/install-slave.sh ")]
+
+
+def test_the_installer_commands_in_the_docs_work_as_written(root: Path) -> None:
+    """In the order the docs give them: install, change, upgrade, remove. Below a root,
+    with its files where the docs have them (/srv/fedmq, ca.crt and master.pub here)."""
+    commands = documented_installer_commands()
+    assert [c[1:4] for c in commands[:1]] == [["--id", "slave-17", "--job"]] and len(commands) >= 6, commands
+    provide_environment(root)
+    cwd = root / "operator"
+    write_identity(Identity.generate("master"), cwd)
+    (cwd / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    srv = root / "srv" / "fedmq"
+    srv.mkdir(parents=True)
+    for name in ("data.npz", "data-2.npz"):
+        (srv / name).write_bytes(b"")
+    for argv in commands:
+        argv = [str(root) + a if a.startswith("/srv/fedmq/") else a for a in argv[1:]]
+        result = subprocess.run(["bash", str(INSTALLER), "--root", str(root), "--skip-pip", *argv],
+                                capture_output=True, text=True, cwd=cwd, timeout=120)
+        assert result.returncode == 0, (argv, result.stdout, result.stderr)
+    assert not (root / "etc" / "fedmq").exists()  # the last one purged everything
 
 
 # ------------------------------------------------------------------ the service's view

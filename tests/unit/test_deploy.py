@@ -231,3 +231,17 @@ def test_docker_compose_config_accepts_the_file() -> None:
     result = subprocess.run([*argv, "-f", str(DEPLOY / "docker-compose.yml"), "config", "--quiet"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------ docs
+
+
+def test_every_installer_option_the_docs_name_exists() -> None:
+    docs = (REPO / "docs" / "OPERATIONS.md").read_text()
+    section = docs[docs.index("## 2. Installing slaves"):docs.index("## 3. Containers")]
+    script = (DEPLOY / "install-slave.sh").read_text()
+    parser = script[script.index("while [ $# -gt 0 ]"):script.index("\ndone\n")]
+    accepted = set(re.findall(r"--[a-z][a-z-]+", parser))
+    others = {"--system", "--config", "--threads"}  # groupadd's, fedmq slave run's
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", section)) - others
+    assert len(named) > 10 and named <= accepted, named - accepted
