@@ -7,7 +7,8 @@ two threads at once and needs no locks.
 
 Also here: sealing and publishing (retained messages that need several chunks go to
 `TOPIC/chunk/I`, since MQTT retains one message per topic), byte counters measured on
-the payloads, and crash-safe files (atomic replace, fsync'd append-only journal).
+the payloads, crash-safe files (atomic replace, fsync'd append-only journal), and the
+heartbeat file a container health check reads.
 """
 
 from __future__ import annotations
