@@ -46,9 +46,13 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 MARKER="written by install-slave.sh"
 
-usage() {
-    sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
-    exit 2
+usage() {  # EXIT_STATUS: 0 for --help (on stdout), 2 for a usage error (on stderr)
+    if [ "$1" = 0 ]; then
+        sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    else
+        sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+    fi
+    exit "$1"
 }
 say() { echo "install-slave: $*"; }
 die() {
@@ -78,7 +82,7 @@ while [ $# -gt 0 ]; do
                 --source) source_spec=$2 ;;
                 --torch) torch_spec=$2 ;;
                 --torch-index) torch_index=$2 ;;
-                --root) root=${2%/} ;;
+                --root) root=$(realpath -m "$2"); [ "$root" != / ] || root='' ;;
             esac
             shift 2 ;;
         --tls) tls=yes; shift ;;
@@ -89,11 +93,11 @@ while [ $# -gt 0 ]; do
         --purge) purge=yes; shift ;;
         --no-systemd) systemd=no; shift ;;
         --skip-pip) pip=no; shift ;;
-        -h|--help) usage ;;
-        *) echo "install-slave: unknown option $1" >&2; usage ;;
+        -h|--help) usage 0 ;;
+        *) echo "install-slave: unknown option $1" >&2; usage 2 ;;
     esac
 done
-[ -n "$id" ] || usage
+[ -n "$id" ] || usage 2
 
 PREFIX=$root/opt/fedmq
 ETC=$root/etc/fedmq
