@@ -70,6 +70,7 @@ class JobConfig:
     min_samples: int = 1
     eval_data: str | None = None
     target_accuracy: float | None = None  # stop early once reached (None: run all rounds)
+    master_name: str = "master"  # the sender name the master signs as; never the key file's name
 
     @property
     def topics(self) -> Topics:
@@ -93,6 +94,7 @@ class SlaveConfig:
     # uncleanly (the broker sends the will) and reconnecting after 0.5-3 s.
     disconnect_rate: float = 0.0
     seed: int = 0
+    master_name: str = "master"  # the name the pinned master key signs as
 
     @property
     def topics(self) -> Topics:
@@ -214,6 +216,8 @@ def parse_job(data: Mapping[str, Any], base: Path) -> JobConfig:
         raise ConfigError("enrollment.keys: required in allowlist mode (a directory of slave NAME.pub files)")
     master = root.sub("master")
     master_key = master.get("key", str)
+    # systemd hands the key over as ".../signing.key": the name cannot come from the file
+    master_name = check_id(master.get("name", str, "master"), "master.name")
     state_dir = master.get("state_dir", str, f"state/{job_id}")
     eval_data = master.get("eval", str, None)
     master.done()
@@ -223,7 +227,7 @@ def parse_job(data: Mapping[str, Any], base: Path) -> JobConfig:
         job=job_id, rounds=rounds, task=task, update=update, model=model, train=train, strategy=strategy,
         policy=policy, enrollment=mode, slave_keys=_path(base, keys), master_key=_path(base, master_key),
         state_dir=_path(base, state_dir), broker=broker, prefix=prefix, chunk_size=chunk_size,
-        min_samples=min_samples, target_accuracy=target,
+        min_samples=min_samples, target_accuracy=target, master_name=master_name,
         # like a slave's data: a file is relative to the job file, not to the working directory
         eval_data=eval_data if eval_data is None or ":" in eval_data else str(_path(base, eval_data)),
     )
@@ -243,6 +247,7 @@ def parse_slave(data: Mapping[str, Any], base: Path) -> SlaveConfig:
     job = check_id(s.get("job", str), "slave.job")
     key = s.get("key", str)
     master_key = s.get("master_key", str)
+    master_name = check_id(s.get("master_name", str, "master"), "slave.master_name")
     data_source = s.get("data", str)
     state_dir = s.get("state_dir", str, f"state/{slave_id}")
     tasks = tuple(s.get("tasks", list, []))
@@ -260,7 +265,7 @@ def parse_slave(data: Mapping[str, Any], base: Path) -> SlaveConfig:
     cfg = SlaveConfig(
         slave_id=slave_id, job=job, key=_path(base, key), master_key=_path(base, master_key), data=data_path,
         state_dir=_path(base, state_dir), broker=broker, tasks=tasks, prefix=prefix, update_kinds=kinds,
-        slowdown=slowdown, disconnect_rate=disconnect_rate, seed=seed,
+        slowdown=slowdown, disconnect_rate=disconnect_rate, seed=seed, master_name=master_name,
     )
     cfg.topics
     return cfg

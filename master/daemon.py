@@ -29,7 +29,7 @@ from fedmq.common.errors import ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.keys import KeyRing, load_identity, public_key_from_raw
 from fedmq.common.modelspec import build_model
-from fedmq.common.shell import GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
+from fedmq.common.shell import HEARTBEAT_FILE, GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
 from fedmq.common.topics import master_client_id
 from fedmq.common.workload import evaluate, load_local_data
 
@@ -59,7 +59,7 @@ class MasterDaemon:
         self.cfg = cfg
         self.log = log or logging.getLogger("fedmq.master")
         torch.set_num_threads(threads)
-        identity = load_identity(cfg.master_key)
+        identity = load_identity(cfg.master_key, name=cfg.master_name)
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         ring = KeyRing.from_dir(cfg.slave_keys) if cfg.enrollment == "allowlist" else KeyRing()
@@ -85,7 +85,8 @@ class MasterDaemon:
             replayed += 1
         if replayed:
             self.log.info("journal: %d record(s) re-admitted for version %d", replayed, self.core.version)
-        self.shell = Shell(cfg.broker, master_client_id(cfg.job), sealer, inbox, self.log, manual_ack=True)
+        self.shell = Shell(cfg.broker, master_client_id(cfg.job), sealer, inbox, self.log, manual_ack=True,
+                           heartbeat=self.state_dir / HEARTBEAT_FILE)
         topics = cfg.topics
         for name in ("confirm", "update", "presence"):
             self.shell.transport.subscribe(topics.slaves(name), qos=1)
