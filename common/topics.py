@@ -7,6 +7,7 @@
     PREFIX/JOB/to/SLAVE         master -> one slave: initial parameters, verdicts (signed)
     PREFIX/JOB/status           master, retained: JSON for humans and dashboards
     PREFIX/JOB/metrics          master: JSON, one message per aggregation
+    PREFIX/JOB/alive            master, retained, also its MQTT will: JSON liveness
     PREFIX/JOB/confirm/SLAVE    slave: accepts or declines the instruction (signed)
     PREFIX/JOB/update/SLAVE     slave: gradients / weight delta / student params (signed)
     PREFIX/JOB/presence/SLAVE   slave, retained, also its MQTT will: online/offline (signed)
@@ -30,7 +31,7 @@ DEFAULT_PREFIX = "fedmq"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")  # \Z: "$" would let a trailing newline through
 _PREFIX = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*\Z")
 
-MASTER_TOPICS = ("instruction", "model", "delta", "round", "status", "metrics")
+MASTER_TOPICS = ("instruction", "model", "delta", "round", "status", "metrics", "alive")
 SLAVE_TOPICS = ("confirm", "update", "presence")
 DIRECT = "to"
 CHUNK = "chunk"
@@ -45,6 +46,20 @@ def split_chunk_topic(topic: str) -> str:
     head, _, index = topic.rpartition("/")
     base, _, level = head.rpartition("/")
     return base if level == CHUNK and index.isdigit() else topic
+
+
+def every_job(name: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Subscription filter for one master topic of every job under `prefix` (`fedmq status`)."""
+    assert name in MASTER_TOPICS, name
+    return f"{prefix}/+/{name}"
+
+
+def job_of(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str] | None:
+    """(job, master topic name) of a topic `every_job` matches, else None."""
+    rest = topic.removeprefix(prefix + "/").split("/") if topic.startswith(prefix + "/") else []
+    if len(rest) == 2 and _ID.match(rest[0]) and rest[1] in MASTER_TOPICS:
+        return rest[0], rest[1]
+    return None
 
 
 def check_id(value: str, what: str) -> str:
