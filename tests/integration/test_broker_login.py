@@ -1,14 +1,17 @@
-"""A broker that refuses us, or a port that is no broker: back off and say what is wrong.
+"""Logging in to a broker with a password: the tools' credentials, and what a refusal does.
 
 A wrong password once made every device reconnect about 2.5 times a second, for ever;
 the refused attempts must follow the same exponential backoff (0.2 s doubling to 30 s)
-as lost connections, and the reason must reach the log at a bounded rate.
+as lost connections, and the reason must reach the log at a bounded rate. A port that
+is no broker at all is reported as such.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import pwd
 import signal
 import socket
@@ -19,12 +22,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from fedmq.broker import BrokerHandle, free_port
+from fedmq.cli import main
 from fedmq.common.brokerconfig import BrokerConfig
 from fedmq.common.transport import Transport
 
-pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
+VECTORS = Path(__file__).resolve().parents[2] / "docs" / "vectors"
 
 #: Attempts an exponential backoff from 0.2 s allows in 20 s: 0.2+0.4+...+12.8 = 25.4 s,
 #: so at most 7 (the first and six retries); 8 leaves room for a slow machine.
@@ -72,6 +78,7 @@ def _logger(name: str) -> tuple[logging.Logger, Records]:
     return log, records
 
 
+@pytest.mark.slow
 def test_wrong_password_backs_off_and_says_not_authorized(password_broker: BrokerHandle) -> None:
     log, records = _logger("wrongpw")
     cfg = BrokerConfig(host=password_broker.host, port=password_broker.port, username="good", password="wrong")
@@ -100,6 +107,7 @@ def test_wrong_password_backs_off_and_says_not_authorized(password_broker: Broke
         good.stop()
 
 
+@pytest.mark.slow
 def test_a_port_that_is_not_mqtt_is_reported_and_backed_off() -> None:
     """Something that answers like an HTTP server: clearly reported, retried with backoff."""
     server = socket.socket()
@@ -139,3 +147,41 @@ def test_a_port_that_is_not_mqtt_is_reported_and_backed_off() -> None:
     assert shown and "no MQTT handshake" in shown[0] and "is it an MQTT listener?" in shown[0], shown
     assert len(shown) < len(accepted)
     assert "is it an MQTT listener?" in (transport.last_error or "")
+
+
+def test_tools_log_in_with_the_documented_options(password_broker: BrokerHandle, tmp_path: Path) -> None:
+    """`fedmq monitor` and `fedmq status` with --username/--password-file, and the key
+    layout the docs show (keys/master.pub, keys/slaves/NAME.pub): every message verified."""
+    keys = tmp_path / "keys"
+    (keys / "slaves").mkdir(parents=True)
+    for pub in VECTORS.glob("*.pub"):
+        shutil.copy(pub, keys / ("" if pub.stem == "master" else "slaves") / pub.name)
+    (tmp_path / "pw").write_text("right\n")
+    (tmp_path / "wrong").write_text("wrong\n")
+    broker = ["--broker", f"{password_broker.host}:{password_broker.port}", "--username", "good"]
+    index = {e["kind"]: e for e in json.loads((VECTORS / "index.json").read_text())}
+    publisher = Transport(BrokerConfig(host=password_broker.host, port=password_broker.port, username="good",
+                                       password="right"), "publisher", lambda _m: None)
+    publisher.start()
+    try:
+        for kind in ("instruction", "confirm"):  # the master's, and a slave's (was unknown_kid)
+            publisher.publish(index[kind]["topic"], (VECTORS / index[kind]["file"]).read_bytes(), retain=True)
+        publisher.publish("fedmq/digits/status", json.dumps({"job": "digits", "state": "training",
+                                                             "updated": time.time()}).encode(), retain=True)
+        assert publisher.flush(20)
+    finally:
+        publisher.stop()
+
+    result = CliRunner().invoke(main, ["monitor", "--job", "digits", "--keys", str(keys), *broker,
+                                       "--password-file", str(tmp_path / "pw"), "--count", "3", "--seconds", "30"])
+    assert result.exit_code == 0, result.output
+    lines = {json.loads(line)["topic"].rsplit("/", 1)[-1]: json.loads(line) for line in result.stdout.splitlines()}
+    assert lines["instruction"]["verified"] and lines["slave-01"]["verified"], lines
+    assert lines["slave-01"]["sender"] == "slave-01" and lines["status"]["json"]["state"] == "training"
+
+    result = CliRunner().invoke(main, ["status", *broker, "--password-file", str(tmp_path / "pw")])
+    assert result.exit_code == 0 and "digits" in result.stdout, result.output
+    result = CliRunner().invoke(main, ["status", *broker, "--password-file", str(tmp_path / "wrong"),
+                                       "--timeout", "3"])
+    assert result.exit_code == 1 and "refused the connection" in result.stderr
+    assert "not authorized" in result.stderr.lower(), result.stderr
