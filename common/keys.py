@@ -163,3 +163,26 @@ class KeyRing:
         for pub in sorted(directory.glob("*.pub")):
             ring.add(pub.stem, load_public_key(pub))
         return ring
+
+    @classmethod
+    def from_tree(cls, directory: Path | str) -> "KeyRing":
+        """Every NAME.pub below `directory`, in subdirectories too: the documented layout
+        keeps the master's key beside a folder of slave keys (keys/master.pub,
+        keys/slaves/NAME.pub), and a watcher trusts both. Symbolic links to directories
+        are not followed (no loops). Two different keys under one NAME are refused: a
+        message signed by either would be shown as NAME's."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ConfigError(f"key directory {directory} does not exist")
+        ring, seen = cls(), {}
+        for parent, dirs, files in os.walk(directory):
+            dirs.sort()
+            for file in sorted(f for f in files if f.endswith(".pub")):
+                path = Path(parent) / file
+                key = load_public_key(path)
+                name = path.stem
+                if name in seen and key_id(key) != key_id(seen[name][1]):
+                    raise ConfigError(f"{seen[name][0]} and {path} are different keys for one name {name!r}")
+                seen[name] = (path, key)
+                ring.add(name, key)
+        return ring

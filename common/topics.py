@@ -103,6 +103,20 @@ def split_chunk_topic(topic: str) -> str:
     return base if level == CHUNK and index.isdigit() else topic
 
 
+def every_job(name: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Subscription filter for one master topic of every job under `prefix` (`fedmq status`)."""
+    assert name in MASTER_TOPICS, name
+    return f"{prefix}/+/{name}"
+
+
+def job_of(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str] | None:
+    """(job, master topic name) of a topic `every_job` matches, else None."""
+    rest = topic.removeprefix(prefix + "/").split("/") if topic.startswith(prefix + "/") else []
+    if len(rest) == 2 and _ID.match(rest[0]) and rest[1] in MASTER_TOPICS:
+        return rest[0], rest[1]
+    return None
+
+
 def check_id(value: str, what: str) -> str:
     """Job and slave ids become topic levels and file names: keep them tame."""
     if not isinstance(value, str) or not _ID.match(value):

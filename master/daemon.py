@@ -35,6 +35,7 @@ from fedmq.common.workload import evaluate, load_local_data
 
 from .core import MasterCore
 from .job import make_job_strategy
+from .prometheus import PrometheusExporter
 
 CHECKPOINT = "checkpoint.cbor"
 JOURNAL = "journal.cbor"
@@ -55,7 +56,8 @@ def _evaluator(cfg: JobConfig):
 
 
 class MasterDaemon:
-    def __init__(self, cfg: JobConfig, log: logging.Logger | None = None, *, threads: int = 1) -> None:
+    def __init__(self, cfg: JobConfig, log: logging.Logger | None = None, *, threads: int = 1,
+                 metrics_port: int | None = None) -> None:
         self.cfg = cfg
         self.log = log or logging.getLogger("fedmq.master")
         torch.set_num_threads(threads)
@@ -92,6 +94,13 @@ class MasterDaemon:
             self.shell.transport.subscribe(topics.slaves(name), qos=1)
         self.finished: str | None = None
         self.acks = GroupCommit(self.journal, self.shell.transport.ack)
+        # Last, once nothing else can fail: Prometheus /metrics on 127.0.0.1:metrics_port,
+        # fed with every status and metrics JSON the daemon publishes
+        self.exporter: PrometheusExporter | None = None
+        if metrics_port is not None:
+            self.exporter = PrometheusExporter(cfg.job)
+            self.exporter.start(metrics_port)
+            self.log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", metrics_port)
         self._now = 0.0
         self._interpret = self._interpreter()
 
