@@ -235,13 +235,14 @@ class Inbox:
         if limit is not None and seq > limit:
             ahead = seq / 1_000_000 - now
             raise ProtocolError(Reason.SEQ_AHEAD, f"seq {seq} is {ahead:.0f} s ahead of this clock (at most "
-                                                  f"{self.max_seq_ahead:.0f} s): is the sender's clock, or this one, wrong?")
+                                                  f"{self.max_seq_ahead:.0f} s): is the sender's clock, or this "
+                                                  "one, wrong?")
         last = self.last_seq.get(key)
         if last is not None and (seq < last or seq == last and not retained):
             hint = ""
             if limit is not None and last > limit:
-                hint = (f"; the last accepted seq is {last / 1_000_000 - now:.0f} s ahead of this clock (accepted from "
-                        "a clock that was wrong?): re-enrolling the sender resets it")
+                hint = (f"; the last accepted seq is {last / 1_000_000 - now:.0f} s ahead of this clock (from a clock "
+                        "that was wrong?): resetting this key's replay state recovers it (PROTOCOL.md section 6)")
             raise ProtocolError(Reason.REPLAY, f"seq {seq} <= last accepted {last} on this topic{hint}")
 
     def _deliver(self, topic: str, key: tuple[bytes, str], manifest: Manifest, done: Completed, enrolled: bool,

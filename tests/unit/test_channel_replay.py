@@ -107,7 +107,7 @@ def test_a_key_locked_out_by_an_old_checkpoint_is_recovered_by_an_explicit_reset
                              [wire.other.kid, wire.update_topic(wire.other), 5]])
     (genuine,) = wire.sealed_update(seq=initial_seq(NOW))
     err = pytest.raises(ProtocolError, inbox.receive, topic, genuine, NOW).value
-    assert err.reason == Reason.REPLAY and "re-enrolling" in err.detail
+    assert err.reason == Reason.REPLAY and "resetting this key's replay state" in err.detail
     assert inbox.reset_sender("slave-01") == 1  # the name comes from the key ring here
     assert inbox.receive(topic, genuine, NOW) is not None
     assert reason(inbox, topic, genuine) == Reason.REPLAY  # protected again from the next message on
