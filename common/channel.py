@@ -74,8 +74,10 @@ class Received:
     manifest: Manifest
     body: dict[str, Any]
     raw: bytes = field(repr=False)  # the verified CBOR `body` was decoded from
-    wire_bytes: int  # MQTT payload bytes (envelope and slice) of every chunk whose slice made the body
     enrolled: bool = True
+    # MQTT payload bytes (envelope and slice) of every chunk whose slice made the body,
+    # as published; keyword-only, so no positional call can pass it by mistake
+    wire_bytes: int = field(kw_only=True)
 
     @property
     def body_bytes(self) -> int:
@@ -255,7 +257,7 @@ class Inbox:
             raise ProtocolError(Reason.BAD_BODY, "body must be a CBOR map")
         self.last_seq[key] = manifest.seq
         self.signers[key[0]] = manifest.sender
-        return Received(topic, manifest, decoded, done.body, done.wire_bytes, enrolled)
+        return Received(topic, manifest, decoded, done.body, enrolled, wire_bytes=done.wire_bytes)
 
     # Replay state survives restarts of the master through its checkpoint: rows of
     # [kid, base topic, last seq, sender name or None]. Rows of three (earlier
