@@ -119,9 +119,10 @@ class Shell:
             if kind is not None:
                 handle(kind, value, now)
             if now >= next_tick:
-                expired = self.inbox.expire(now)
-                if expired:
-                    self.log.warning("dropped %d incomplete chunked message(s) after the timeout", expired)
+                for gone in self.inbox.expire(now):
+                    self.log.warning("dropped an incomplete %s from %s on %s after the timeout (%d of %d chunks)",
+                                     gone.kind, gone.sender, gone.topic, gone.received, gone.chunks)
+                    handle("expired", gone, now)
                 tick(now)
                 next_tick = now + TICK_SECONDS
             if self.heartbeat is not None and now >= next_beat and self.transport.connected:

@@ -68,7 +68,7 @@ class MasterDaemon:
         if cfg.enrollment == "open":
             self.log.warning("enrollment mode 'open': any key that confirms is trusted (demos only)")
         model = build_model(cfg.model)
-        self.core = MasterCore(cfg, model, make_job_strategy(cfg), evaluate=_evaluator(cfg))
+        self.core = MasterCore(cfg, model, make_job_strategy(cfg), evaluate=_evaluator(cfg), timer=time.perf_counter)
         inbox = Inbox(ring, cfg.job, self_signed=M.SELF_SIGNED_KINDS)
         checkpoint = read_cbor_file(self.state_dir / CHECKPOINT)
         if checkpoint is not None:
@@ -113,6 +113,8 @@ class MasterDaemon:
             self.acks.commit()
             self.shell.close()
             self.journal.close()
+            if self.exporter is not None:
+                self.exporter.close()
         return self.finished
 
     def tick(self, now: float) -> None:
@@ -122,6 +124,9 @@ class MasterDaemon:
     def handle(self, kind: str, value: Any, now: float) -> None:
         if kind == "msg":
             self._handle_message(value, now)
+        elif kind == "expired":
+            self.apply(self.core.on_rejected(Reason.CHUNK_TIMEOUT, value.sender, now,
+                                             f"{value.kind} seq {value.seq}: {value.received}/{value.chunks} chunks"), now)
         if self.acks.due(time.monotonic(), idle=self.shell.events.empty()):
             self.acks.commit()
 
@@ -161,10 +166,19 @@ class MasterDaemon:
         self.log.info("job %s finished: %s", self.cfg.job, fx.reason)
         self.shell.stop()
 
+    def _publish_json(self, fx: PublishJson) -> None:
+        self.shell.publish_json(fx)
+        if self.exporter is not None:
+            name = self.cfg.topics.parse(fx.topic)
+            if name == ("status", None):
+                self.exporter.on_status(fx.data)
+            elif name == ("metrics", None):
+                self.exporter.on_metrics(fx.data)
+
     def _interpreter(self) -> Interpreter:
         return Interpreter({
             Publish: lambda fx: self.shell.publish(fx, self._now),
-            PublishJson: self.shell.publish_json,
+            PublishJson: self._publish_json,
             Journal: lambda fx: self.journal.append(fx.record, fx.raw_body),
             Ack: lambda fx: self.acks.ack(fx.token, time.monotonic()),
             Checkpoint: self._checkpoint,
