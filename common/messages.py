@@ -9,12 +9,14 @@ and never meet a surprise type; tensors inside are decoded separately, under
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import ProtocolError, Reason
-from .tensors import DEFAULT_LIMITS, Limits, all_finite, decode_state_dict
+
+if TYPE_CHECKING:  # torch only where tensors are decoded: reading a config must not load it
+    import torch
+
+    from .tensors import Limits
 
 INSTRUCTION = "instruction"
 CONFIRM = "confirm"
@@ -77,9 +79,13 @@ def validate(kind: str, topic_name: str, body: Mapping[str, Any]) -> Kind:
     return spec
 
 
-def tensors_of(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS, *, finite: bool = True) -> dict[str, torch.Tensor]:
-    """Decode a body's `tensors` map; reject NaN/Inf where the receiver needs finite values."""
-    tensors = decode_state_dict(body.get("tensors"), limits)
+def tensors_of(body: Mapping[str, Any], limits: Limits | None = None, *,
+               finite: bool = True) -> dict[str, torch.Tensor]:
+    """Decode a body's `tensors` map (under `tensors.DEFAULT_LIMITS` unless `limits`);
+    reject NaN/Inf where the receiver needs finite values."""
+    from .tensors import DEFAULT_LIMITS, all_finite, decode_state_dict
+
+    tensors = decode_state_dict(body.get("tensors"), DEFAULT_LIMITS if limits is None else limits)
     if finite:
         for name, t in tensors.items():
             if t.is_floating_point() and not all_finite(t):

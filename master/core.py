@@ -62,8 +62,10 @@ Evaluator = Callable[[Params], Mapping[str, float]]
 
 class MasterCore:
     def __init__(self, cfg: JobConfig, model: nn.Module, strategy: Strategy, *, evaluate: Evaluator | None = None,
-                 run: str = "0") -> None:
+                 timer: Callable[[], float] = lambda: 0.0, run: str = "0") -> None:
         self.cfg = cfg
+        self.timer = timer  # measures how long the strategy takes (the shell passes a real one)
+        self._aggregation_seconds = 0.0
         self.run = run  # this run of the job; a checkpoint brings back the run it belongs to
         self._fresh = True  # no checkpoint restored: the run must be made durable before it is announced
         self.topics = cfg.topics
@@ -294,7 +296,10 @@ class MasterCore:
     def _aggregate(self, now: float) -> list[Effect]:
         """Close the round: the strategy combines its updates into a new version."""
         assert self.round is not None
-        return self._new_version(self.schedule.close(self.round, self.store), now)
+        started = self.timer()
+        params = self.schedule.close(self.round, self.store)
+        self._aggregation_seconds = self.timer() - started
+        return self._new_version(params, now)
 
     # ------------------------------------------------------------ updates
 
@@ -318,7 +323,7 @@ class MasterCore:
         assert rnd is not None
         update = verdict
         record = {"update_id": uid, "sender": name, "round": rnd.number, "version": self.version,
-                  "bytes": msg.size, "body": dict(msg.body)}
+                  "bytes": msg.wire_bytes, "body": dict(msg.body)}
         fx += [Journal(record, msg.raw)] + _ack(token) + self._accept(update, uid, record, now)
         if self._ready():
             fx += self._aggregate(now)
@@ -348,7 +353,9 @@ class MasterCore:
         bytes_in = record["body"].get("metrics", {}).get("bytes_in")
         if slave is not None and isinstance(bytes_in, int):
             slave.bytes_in = bytes_in
+        started = self.timer()
         new, fx = self.schedule.take(uid, update, self.store)
+        self._aggregation_seconds += self.timer() - started  # an asynchronous version: the sum of its steps
         return fx if new is None else fx + self._new_version(new, now)
 
     def _new_version(self, params: Params, now: float) -> list[Effect]:
@@ -359,6 +366,8 @@ class MasterCore:
         self.ledger.mark_applied(list(rnd.updates), version, self.schedule.horizon)
         row = metrics_row(rnd, version, {n: s.bytes_in for n, s in self.slaves.items()}, now)
         row.update(self.schedule.row(list(rnd.updates.values()), version))
+        row["aggregation_seconds"] = round(self._aggregation_seconds, 6)
+        self._aggregation_seconds = 0.0
         if self.evaluate is not None:
             scores = self.evaluate(self.store.params)
             row.update({k: float(scores[k]) for k in ("accuracy", "loss") if k in scores})

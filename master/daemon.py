@@ -31,11 +31,13 @@ from fedmq.common.errors import ConfigError, ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.keys import KeyRing, load_identity, public_key_from_raw
 from fedmq.common.modelspec import build_model
-from fedmq.common.shell import GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
+from fedmq.common.shell import HEARTBEAT_FILE, GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
+from fedmq.common.topics import master_client_id
 from fedmq.common.workload import data_misfit, evaluate, load_local_data
 
 from .core import MasterCore
 from .job import make_job_strategy
+from .prometheus import PrometheusExporter
 
 CHECKPOINT = "checkpoint.cbor"
 JOURNAL = "journal.cbor"
@@ -62,18 +64,20 @@ def _evaluator(cfg: JobConfig):
 
 
 class MasterDaemon:
-    def __init__(self, cfg: JobConfig, log: logging.Logger | None = None, *, threads: int = 1) -> None:
+    def __init__(self, cfg: JobConfig, log: logging.Logger | None = None, *, threads: int = 1,
+                 metrics_port: int | None = None) -> None:
         self.cfg = cfg
         self.log = log or logging.getLogger("fedmq.master")
         torch.set_num_threads(threads)
-        identity = load_identity(cfg.master_key)
+        identity = load_identity(cfg.master_key, name=cfg.master_name)
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         ring = KeyRing.from_dir(cfg.slave_keys) if cfg.enrollment == "allowlist" else KeyRing()
         if cfg.enrollment == "open":
             self.log.warning("enrollment mode 'open': any key that confirms is trusted (demos only)")
         model = build_model(cfg.model)
-        self.core = MasterCore(cfg, model, make_job_strategy(cfg), evaluate=_evaluator(cfg), run=uuid.uuid4().hex[:12])
+        self.core = MasterCore(cfg, model, make_job_strategy(cfg), evaluate=_evaluator(cfg), timer=time.perf_counter,
+                               run=uuid.uuid4().hex[:12])
         inbox = Inbox(ring, cfg.job, self_signed=M.SELF_SIGNED_KINDS)
         checkpoint = read_cbor_file(self.state_dir / CHECKPOINT)
         if checkpoint is not None:
@@ -94,7 +98,8 @@ class MasterDaemon:
             if slave.public_key and cfg.enrollment == "open":
                 self._learned.add(ring.add(slave.name, public_key_from_raw(slave.public_key)))
         self._keys_checked = 0.0
-        self.shell = Shell(cfg.broker, f"fedmq-master-{cfg.job}", sealer, inbox, self.log, manual_ack=True)
+        self.shell = Shell(cfg.broker, master_client_id(cfg.job), sealer, inbox, self.log, manual_ack=True,
+                           heartbeat=self.state_dir / HEARTBEAT_FILE)
         topics = cfg.topics
         self.alive_topic = topics.master("alive")
         self.shell.set_will(self.alive_topic, self._alive(False))
@@ -102,6 +107,13 @@ class MasterDaemon:
             self.shell.transport.subscribe(topics.slaves(name), qos=1)
         self.finished: str | None = None
         self.acks = GroupCommit(self.journal, self.shell.transport.ack)
+        # Last, once nothing else can fail: Prometheus /metrics on 127.0.0.1:metrics_port,
+        # fed with every status and metrics JSON the daemon publishes
+        self.exporter: PrometheusExporter | None = None
+        if metrics_port is not None:
+            self.exporter = PrometheusExporter(cfg.job)
+            self.exporter.start(metrics_port)
+            self.log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", metrics_port)
         self._now = 0.0
         self._interpret = self._interpreter()
 
@@ -116,6 +128,8 @@ class MasterDaemon:
             self.shell.transport.publish(self.alive_topic, self._alive(False), qos=1, retain=True)
             self.shell.close()
             self.journal.close()
+            if self.exporter is not None:
+                self.exporter.close()
         return self.finished
 
     def _alive(self, alive: bool) -> bytes:
@@ -150,6 +164,9 @@ class MasterDaemon:
             self.apply(self.core.on_connection(True, now), now)
         elif kind == "disconnected":
             self.apply(self.core.on_connection(False, now), now)
+        elif kind == "expired":
+            self.apply(self.core.on_rejected(Reason.CHUNK_TIMEOUT, value.sender, now,
+                                             f"{value.kind} seq {value.seq}: {value.received}/{value.chunks} chunks"), now)
         if self.acks.due(time.monotonic(), idle=self.shell.events.empty()):
             self.acks.commit()
 
@@ -194,10 +211,19 @@ class MasterDaemon:
             self.acks.commit()
         self.shell.publish(fx, self._now)
 
+    def _publish_json(self, fx: PublishJson) -> None:
+        self.shell.publish_json(fx)
+        if self.exporter is not None:
+            name = self.cfg.topics.parse(fx.topic)
+            if name == ("status", None):
+                self.exporter.on_status(fx.data)
+            elif name == ("metrics", None):
+                self.exporter.on_metrics(fx.data)
+
     def _interpreter(self) -> Interpreter:
         return Interpreter({
             Publish: self._publish,
-            PublishJson: self.shell.publish_json,
+            PublishJson: self._publish_json,
             Journal: lambda fx: self.journal.append(fx.record, fx.raw_body),
             Ack: lambda fx: self.acks.ack(fx.token, time.monotonic()),
             Checkpoint: self._checkpoint,

@@ -32,7 +32,8 @@ from fedmq.common.effects import SLAVE_EFFECTS, Effect, Interpreter, Log, Publis
 from fedmq.common.errors import ProtocolError
 from fedmq.common.jobconfig import SlaveConfig
 from fedmq.common.keys import KeyRing, load_identity, load_public_key, raw_public_bytes
-from fedmq.common.shell import Shell, read_cbor_file, write_atomic
+from fedmq.common.shell import HEARTBEAT_FILE, Shell, read_cbor_file, write_atomic
+from fedmq.common.topics import slave_client_id
 from fedmq.common.workload import data_misfit, load_local_data
 
 from .core import SlaveCore, run_training
@@ -51,7 +52,7 @@ class SlaveDaemon:
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
         identity = load_identity(cfg.key, name=cfg.slave_id)
         ring = KeyRing()
-        ring.add(cfg.master_key.stem, load_public_key(cfg.master_key))
+        ring.add(cfg.master_name, load_public_key(cfg.master_key))
         self.dataset = load_local_data(cfg.data)
         self.state_path = cfg.state_dir / STATE
         self.saved = read_cbor_file(self.state_path) or {}
@@ -59,7 +60,8 @@ class SlaveDaemon:
         capabilities = {"update": list(cfg.update_kinds), "torch": torch.__version__, "machine": platform.machine()}
         self.core = SlaveCore(cfg, raw_public_bytes(identity.public_key), len(self.dataset), capabilities,
                               data_misfit=lambda model: data_misfit(model, self.dataset))
-        self.shell = Shell(cfg.broker, cfg.slave_id, sealer, Inbox(ring, cfg.job), self.log)
+        self.shell = Shell(cfg.broker, slave_client_id(cfg.slave_id, cfg.job), sealer, Inbox(ring, cfg.job), self.log,
+                           heartbeat=cfg.state_dir / HEARTBEAT_FILE)
         self.presence_topic = cfg.topics.slave("presence", cfg.slave_id)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
         self._online: bytes = b""

@@ -280,7 +280,7 @@ class FleetBus(Bus):
         seq, self.seq[name] = self.seq[name], self.seq[name] + 1
         manifest = Manifest(kind=kind, job=self.cfg.job, sender=name, topic=topic, seq=seq, ts=int(self.now * 1000),
                             version=version, round=rnd, size=len(raw), sha256=b"", chunks=1)
-        return Entry(topic, None, Received(topic, manifest, loads(raw), raw, True))
+        return Entry(topic, None, Received(topic, manifest, loads(raw), raw, True, wire_bytes=0))  # never published
 
     def run_master(self, effects: list[Any]) -> None:
         node = self.nodes["master"]

@@ -40,7 +40,7 @@ def received(kind: str, sender: str, body: dict, *, topic: str | None = None, ro
     raw = cbor2.dumps(body)
     manifest = Manifest(kind=kind, job="digits", sender=sender, topic=topic, seq=1, ts=0, version=version,
                         round=round, size=len(raw), sha256=b"\0" * 32)
-    return Received(topic, manifest, body, raw, enrolled)
+    return Received(topic, manifest, body, raw, enrolled, wire_bytes=len(raw) + 200)
 
 
 def confirm(sender: str, samples: int = 10, key: bytes = KEY_A, enrolled: bool = True) -> Received:
