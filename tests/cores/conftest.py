@@ -138,6 +138,35 @@ class Bus:
         else:
             self.run(node.name, node.core.on_message(msg, self.now))
 
+    # ------------------------------------------------------------ faults
+
+    def saved(self, name: str) -> dict[str, Any] | None:
+        """The slave's state file: the last `SaveState` it asked for."""
+        states = [fx.state for fx in self.effects[name] if isinstance(fx, SaveState)]
+        return states[-1] if states else None
+
+    def restart_slave(self, name: str, *, keep_state: bool = True) -> None:
+        """The slave process dies and starts again (its state file kept or lost); the
+        broker keeps its retained messages."""
+        node = self.nodes[name]
+        old = node.core
+        node.core = SlaveCore(old.cfg, old.public_key, old.samples, data_misfit=old.data_misfit)
+        node.sealer = Sealer(node.sealer.identity, node.sealer.job, seq=node.sealer.next_seq + 1000)
+        node.inbox = Inbox(node.inbox.keyring, node.inbox.job)
+        node.subs = []
+        self.run(name, node.core.start(self.now, self.saved(name) if keep_state else None))
+        self.pump()
+
+    def presence(self, name: str, online: bool) -> None:
+        """The slave's presence (or, offline, its will) reaches the broker."""
+        node = self.nodes[name]
+        topic = node.core.topics.slave("presence", name)
+        payloads = node.sealer.seal(topic, M.PRESENCE, {"state": "online" if online else "offline", "version": -1},
+                                    now=self.now)
+        self.retained[topic] = payloads
+        self.queue.append((topic, payloads, False))
+        self.pump()
+
     def finish_training(self, name: str, fx: Train) -> None:
         node = self.nodes[name]
         if self.trainer is not None:
@@ -179,11 +208,11 @@ def job_config(tmp_path, **over: Any) -> JobConfig:
 @pytest.fixture
 def fleet(tmp_path):
     """Build a bus with a master and N slaves on reference-workload shards."""
-    from fedmq.common.workload import reference_split
+    from fedmq.common.workload import data_misfit, reference_split
 
     def make(n_slaves: int = 4, *, enrolled: int | None = None, tasks: dict[int, list[str]] | None = None,
              evaluate: bool = True, silent: tuple[str, ...] = (), train_time: dict[int, float] | None = None,
-             run_for: float = 0.0, **job_over: Any) -> Bus:
+             run_for: float = 0.0, data_for: dict[int, Any] | None = None, **job_over: Any) -> Bus:
         cfg = job_config(tmp_path, **job_over)
         split = reference_split(num_slaves=n_slaves)
         bus = Bus()
@@ -215,9 +244,11 @@ def fleet(tmp_path):
             scfg = SlaveConfig(slave_id=ident.name, job=cfg.job, key=tmp_path / "k", master_key=tmp_path / "m",
                                data=f"reference:{i}/{n_slaves}", state_dir=tmp_path, broker=BrokerConfig(),
                                tasks=tuple((tasks or {}).get(i, ())))
-            ds = split.slave_dataset(i)
-            core = SlaveCore(scfg, raw_public_bytes(ident.public_key), len(ds))
+            ds = (data_for or {}).get(i) or split.slave_dataset(i)
+            core = SlaveCore(scfg, raw_public_bytes(ident.public_key), len(ds),
+                             data_misfit=lambda model, ds=ds: data_misfit(model, ds))
             bus.add(Node(ident.name, Sealer(ident, cfg.job, seq=1), Inbox(master_ring, cfg.job), core, dataset=ds))
+        bus.cfg, bus.master_ring, bus.evaluator = cfg, ring, evaluator if evaluate else None
         bus.run("master", master.start(bus.now))
         for node in list(bus.nodes.values()):
             if node.name != "master":
