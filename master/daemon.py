@@ -154,6 +154,8 @@ class MasterDaemon:
         if removed:
             self.log.warning("keys removed from the allowlist: %s (their messages are now rejected)", ", ".join(removed))
         if added:
+            for name in added:  # a key added again starts afresh: a bad clock's lock-out is lifted
+                self.shell.inbox.reset_sender(name)
             self.apply(self.core.on_keys_added(added, now), now)
 
     def handle(self, kind: str, value: Any, now: float) -> None:
