@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from .errors import ProtocolError, Reason
-from .tensors import DEFAULT_LIMITS, Limits, all_finite, decode_state_dict
+from .tensors import DEFAULT_LIMITS, Limits, Spec, all_finite, decode_state_dict
 
 INSTRUCTION = "instruction"
 CONFIRM = "confirm"
@@ -76,9 +76,13 @@ def validate(kind: str, topic_name: str, body: Mapping[str, Any]) -> Kind:
     return spec
 
 
-def tensors_of(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS, *, finite: bool = True) -> dict[str, torch.Tensor]:
-    """Decode a body's `tensors` map; reject NaN/Inf where the receiver needs finite values."""
-    tensors = decode_state_dict(body.get("tensors"), limits)
+def tensors_of(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS, *, finite: bool = True,
+               expected: Spec | None = None, partial: bool = False) -> dict[str, torch.Tensor]:
+    """Decode a body's `tensors` map; reject NaN/Inf where the receiver needs finite values.
+
+    `expected`/`partial`: see `tensors.decode_state_dict` (names and shapes checked
+    before anything is built)."""
+    tensors = decode_state_dict(body.get("tensors"), limits, expected=expected, partial=partial)
     if finite:
         for name, t in tensors.items():
             if t.is_floating_point() and not all_finite(t):
