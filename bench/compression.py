@@ -135,18 +135,20 @@ def run(case: Case, rounds: int = 30, num_slaves: int = 8) -> dict[str, Any]:
         load_float_state(master, strategy.aggregate(float_state(master), updates, version=version + 1))
         accuracy.append(evaluate(master, test)["accuracy"])
     reached = next((r + 1 for r, a in enumerate(accuracy) if a >= TARGET), None)
-    return {"name": case.name, "accuracy": accuracy, "final": accuracy[-1], "rounds_to_target": reached,
+    return {"name": case.name, "accuracy": accuracy, "final": accuracy[-1], "last5": sum(accuracy[-5:]) / 5,
+            "rounds_to_target": reached,
             "bytes_up": sum(bytes_up) / len(bytes_up), "bytes_down": sum(bytes_down) / len(bytes_down),
             "keyframes": keyframes if tracker is not None else rounds}
 
 
 def table(results: list[dict[str, Any]]) -> str:
     base = results[0]
-    lines = [f"| case | final acc | Δ vs {base['name']} | rounds to {TARGET:.2f} | up B/update | up ratio "
-             f"| down B/version | down ratio | keyframes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| case | final acc | Δ vs {base['name']} | mean of last 5 (Δ) | rounds to {TARGET:.2f} | up B/update "
+             f"| up ratio | down B/version | down ratio | keyframes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['name']} | {r['final']:.3f} | {100 * (r['final'] - base['final']):+.1f} pt "
+                     f"| {r['last5']:.3f} ({100 * (r['last5'] - base['last5']):+.1f}) "
                      f"| {r['rounds_to_target'] or '—'} | {r['bytes_up']:,.0f} | {base['bytes_up'] / r['bytes_up']:.1f}× "
                      f"| {r['bytes_down']:,.0f} | {base['bytes_down'] / r['bytes_down']:.1f}× | {r['keyframes']} |")
     return "\n".join(lines)
