@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from fedmq.common import envelope, messages
+from fedmq.common.channel import Inbox
 from fedmq.common.compression import (
     PRESETS,
     CompressionSettings,
@@ -43,7 +45,15 @@ from fedmq.common.compression import (
     preset,
 )
 from fedmq.common.errors import ConfigError, ProtocolError, Reason
-from fedmq.common.tensors import as_float32_state, decode_state_dict, decode_tensor, encode_state_dict, spec_of
+from fedmq.common.keys import KeyRing, load_public_key
+from fedmq.common.tensors import (
+    Limits,
+    as_float32_state,
+    decode_state_dict,
+    decode_tensor,
+    encode_state_dict,
+    spec_of,
+)
 
 
 def wire_roundtrip(item: Any) -> Any:
@@ -436,3 +446,45 @@ def test_drift_and_digest() -> None:
     nudged = dict(m, **{"2.bias": m["2.bias"].clone()})
     nudged["2.bias"][0] = torch.nextafter(nudged["2.bias"][0], torch.tensor(math.inf))
     assert params_digest(nudged) != params_digest(m)
+
+
+# ------------------------------------------------------------------ the committed vectors (docs/vectors)
+
+VECTORS = Path(__file__).resolve().parents[2] / "docs" / "vectors"
+
+
+def _received(name: str):
+    index = [e for e in json.loads((VECTORS / "index.json").read_text()) if e["file"].split(".")[0] == name]
+    ring = KeyRing()
+    ring.add(Path(index[0]["public_key"]).stem, load_public_key(VECTORS / index[0]["public_key"]))
+    inbox = Inbox(ring, "digits")
+    got = None
+    for entry in index:
+        got = inbox.receive(entry["topic"], (VECTORS / entry["file"]).read_bytes(), now=0.0)
+    assert got is not None
+    return got
+
+
+def test_compressed_update_vectors_decode_to_the_vector_models_float32_state() -> None:
+    model = as_float32_state(messages.tensors_of(_received("model").body))
+    spec = spec_of(model)
+    forms = {}
+    for name in ("update-topk", "update-int8", "update-half"):
+        body = _received(name).body
+        got = as_float32_state(messages.tensors_of(body, Limits.for_model(spec), expected=spec))
+        assert spec_of(got) == spec, name
+        forms[name] = {k: next(iter(v)) if isinstance(v, dict) else type(v).__name__ for k, v in body["tensors"].items()}
+    assert set(forms["update-topk"].values()) == {"coo"}
+    assert set(forms["update-int8"].values()) == {"q8"}
+    assert "coo" in forms["update-half"].values()
+
+
+def test_the_delta_vector_applies_to_the_model_vector() -> None:
+    """delta-q8 (version 4) is made against model.000/001 (version 3), base_digest included."""
+    model = messages.tensors_of(_received("model").body)
+    delta = _received("delta-q8")
+    assert delta.body["base_version"] == 3 and delta.manifest.version == 4
+    new = apply_model_delta(model, delta.body, held_version=3)
+    assert drift(new, model) > 0
+    with pytest.raises(WrongBase):
+        apply_model_delta(model, delta.body, held_version=4)
