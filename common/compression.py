@@ -270,20 +270,24 @@ def compress_tensor(t: Tensor, enc: Encoding) -> tuple[Any, Tensor]:
         raise ValueError("cannot compress a tensor holding NaN or Inf")
     flat = values.reshape(-1)
     n = flat.numel()
+    chosen: Tensor | None = None  # None: every entry (no index array for a dense tensor)
     if enc.topk is not None and n:
         k = min(n, max(1, math.ceil(enc.topk * n)))
         chosen = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
+        chosen = chosen[flat[chosen] != 0]
+        count = chosen.numel()
     else:
-        chosen = torch.arange(n)
-    chosen = chosen[flat[chosen] != 0]
+        count = int(torch.count_nonzero(flat))
     vb = _VALUE_BYTES[enc.quantize]
     index_bytes = 4 if n <= 2**31 - 1 else 8
-    if chosen.numel() * (index_bytes + vb) < n * vb:
+    if count * (index_bytes + vb) < n * vb:
+        if chosen is None:
+            chosen = torch.nonzero(flat).reshape(-1)
         item, sent_values = _quantize(flat[chosen], enc.quantize, enc.block)
         sent = torch.zeros(n, dtype=torch.float32)
         sent[chosen] = sent_values
         return encode_sparse(values.shape, _index_tensor(chosen, n), item), sent.reshape(values.shape)
-    if chosen.numel() < n:
+    if chosen is not None and count < n:
         kept = torch.zeros(n, dtype=torch.float32)
         kept[chosen] = flat[chosen]
         values = kept.reshape(values.shape)
