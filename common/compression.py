@@ -186,11 +186,11 @@ _FLOATS = {"topk", "max_drift", "l1_mu", "change_budget", "change_threshold"}
 def _parse(table: Any, path: str, *, strict: bool) -> CompressionSettings:
     if not isinstance(table, Mapping):
         raise ConfigError(f"{path}: expected a table")
-    extra = sorted(set(table) - {"preset", *_SECTIONS})
+    extra = sorted(set(table) - {"preset", *_SECTIONS}, key=str)
     if strict and extra:
         raise ConfigError(f"{path}.{extra[0]}: unknown key (allowed: preset, {', '.join(_SECTIONS)})")
     name = table.get("preset", "none")
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"{path}.preset: expected one of {', '.join(PRESETS)}, got {name!r}")
     settings = PRESETS[name]
     parts = {}
@@ -200,7 +200,7 @@ def _parse(table: Any, path: str, *, strict: bool) -> CompressionSettings:
         if not isinstance(sub, Mapping):
             raise ConfigError(f"{where}: expected a table")
         allowed = {f.name for f in cls.__dataclass_fields__.values()}
-        unknown = sorted(set(sub) - allowed)
+        unknown = sorted(set(sub) - allowed, key=str)
         if strict and unknown:
             raise ConfigError(f"{where}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
         given = {}

@@ -148,8 +148,11 @@ def test_from_wire_ignores_unknown_keys_and_rejects_bad_values_as_bad_body() -> 
     with pytest.raises(ProtocolError) as exc:
         CompressionSettings.from_wire(wire)
     assert exc.value.reason == Reason.BAD_BODY and "topk" in exc.value.detail
-    with pytest.raises(ProtocolError):
-        CompressionSettings.from_wire([1, 2])
+    for junk in ([1, 2], {"preset": [1]}, {"uplink": {"quantize": [1]}}, {"downlink": 5}):
+        with pytest.raises(ProtocolError) as exc:
+            CompressionSettings.from_wire(junk)
+        assert exc.value.reason == Reason.BAD_BODY
+    assert CompressionSettings.from_wire({"uplink": {1: 2, "topk": 0.5}}).uplink.topk == 0.5
 
 
 # ------------------------------------------------------------------ one tensor, every form
