@@ -16,7 +16,7 @@ from .errors import ProtocolError, Reason
 if TYPE_CHECKING:  # torch only where tensors are decoded: reading a config must not load it
     import torch
 
-    from .tensors import Limits
+    from .tensors import Limits, Spec
 
 INSTRUCTION = "instruction"
 CONFIRM = "confirm"
@@ -79,13 +79,17 @@ def validate(kind: str, topic_name: str, body: Mapping[str, Any]) -> Kind:
     return spec
 
 
-def tensors_of(body: Mapping[str, Any], limits: Limits | None = None, *,
-               finite: bool = True) -> dict[str, torch.Tensor]:
+def tensors_of(body: Mapping[str, Any], limits: Limits | None = None, *, finite: bool = True,
+               expected: Spec | None = None, partial: bool = False) -> dict[str, torch.Tensor]:
     """Decode a body's `tensors` map (under `tensors.DEFAULT_LIMITS` unless `limits`);
-    reject NaN/Inf where the receiver needs finite values."""
+    reject NaN/Inf where the receiver needs finite values.
+
+    `expected`/`partial`: see `tensors.decode_state_dict` (names and shapes checked
+    before anything is built)."""
     from .tensors import DEFAULT_LIMITS, all_finite, decode_state_dict
 
-    tensors = decode_state_dict(body.get("tensors"), DEFAULT_LIMITS if limits is None else limits)
+    tensors = decode_state_dict(body.get("tensors"), DEFAULT_LIMITS if limits is None else limits,
+                                expected=expected, partial=partial)
     if finite:
         for name, t in tensors.items():
             if t.is_floating_point() and not all_finite(t):

@@ -10,11 +10,18 @@ cross-entropy classification on CPU or whatever device the model already lives o
 With a `seed`, shuffling and dropout are reproducible and the caller's global torch RNG
 is left as it was. The trainer never sleeps; a daemon that simulates slow devices can
 wait after the call, using ``metrics["seconds"]``.
+
+Delta training can be *constrained* so the delta is small by construction (the job's
+`[compression.constraints]`, see `common.compression.Constraints`): an L1 pull toward
+the received weights, a per-tensor budget of changed entries, and a threshold below
+which changes are dropped. They act on parameters only; float buffers (BatchNorm
+statistics) are sent as computed.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -57,8 +64,10 @@ def _loader(dataset: Dataset, batch_size: int, generator: torch.Generator | None
 
 
 def _sgd_epochs(model: nn.Module, loader: DataLoader, loss_fn: LossFn, *, epochs: int,
-                lr: float, momentum: float, weight_decay: float) -> float:
-    """Train `model` in place; return the sample-weighted mean loss of the last epoch."""
+                lr: float, momentum: float, weight_decay: float,
+                after_step: Callable[[], None] | None = None) -> float:
+    """Train `model` in place; return the sample-weighted mean loss of the last epoch.
+    `after_step` runs after every optimizer step (a projection onto constraints)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay)
     model.train()
@@ -70,9 +79,40 @@ def _sgd_epochs(model: nn.Module, loader: DataLoader, loss_fn: LossFn, *, epochs
             loss = loss_fn(model, x, y)
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
             loss_sum += loss.item() * len(y)
             seen += len(y)
     return loss_sum / seen
+
+
+def _constrain(pairs: list[tuple[Tensor, Tensor]], *, shrink: float,
+               budget: float) -> Callable[[], None]:
+    """A projection run after each SGD step on (parameter, received value) pairs.
+
+    `shrink` > 0: the proximal step of `l1_mu·‖w − w_received‖₁` (soft-threshold the
+    change by lr·l1_mu), which makes changes that do not pay for themselves exactly 0.
+    `budget` > 0: keep the ceil(budget·n) largest changes of each tensor, reset the
+    rest to the received values (iterative hard thresholding), so the trained delta is
+    sparse at every step and the kept entries compensate for the dropped ones. Entries
+    reset are *exactly* the received values, so their delta is exactly 0."""
+
+    def project() -> None:
+        with torch.no_grad():
+            for p, received in pairs:
+                if shrink > 0:
+                    change = p - received
+                    shrunk = torch.sign(change) * (change.abs() - shrink).clamp_min(0)
+                    p.copy_(torch.where(shrunk == 0, received, received + shrunk))
+                if budget > 0:
+                    n = p.numel()
+                    k = min(n, max(1, math.ceil(budget * n)))
+                    if k < n:
+                        keep = torch.zeros(n, dtype=torch.bool)
+                        keep[torch.topk((p - received).abs().reshape(-1), k, sorted=False).indices] = True
+                        p.copy_(torch.where(keep.reshape(p.shape), p, received))
+
+    return project
 
 
 def _check(dataset: Dataset, epochs: int, batch_size: int) -> None:
@@ -95,22 +135,32 @@ def _cross_entropy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 def train_local(model: nn.Module, dataset: Dataset, *, kind: str = "delta", epochs: int = 2,
                 batch_size: int = 32, lr: float = 0.1, momentum: float = 0.0,
-                weight_decay: float = 0.0, prox_mu: float = 0.0,
+                weight_decay: float = 0.0, prox_mu: float = 0.0, l1_mu: float = 0.0,
+                change_budget: float = 0.0, change_threshold: float = 0.0,
                 grad_batches: int | None = None, seed: int | None = None) -> LocalResult:
     """Train a copy of `model` on local data and return the update to send.
 
     ``kind="delta"``: `epochs` of mini-batch SGD; the update is trained − received for
     every float state entry. With ``prox_mu > 0`` the loss gains FedProx's proximal term
     (μ/2)·‖w − w_received‖², which keeps heterogeneous clients near the global model.
+    Constraints that make the delta small (all off by default): ``l1_mu`` adds
+    l1_mu·‖w − w_received‖₁, minimised by a soft-threshold after every step;
+    ``change_budget`` (a fraction) lets at most ceil(budget·n) entries of each parameter
+    tensor differ from the received ones, enforced after every step; after training,
+    parameter changes with |Δ| < ``change_threshold`` are dropped (sent as 0).
 
     ``kind="gradient"``: no step is taken; the update is the gradient of the mean loss
     over the first `grad_batches` shuffled mini-batches (default and at most: one pass),
     i.e. weighted by samples, and zero for buffers. `num_samples` counts the samples used.
-    `epochs`, `momentum`, `weight_decay` and `prox_mu` do not apply to gradients.
+    `epochs`, `momentum`, `weight_decay`, `prox_mu` and the constraints do not apply to
+    gradients.
     """
     _check(dataset, epochs, batch_size)
     if grad_batches is not None and grad_batches < 1:
         raise ValueError(f"grad_batches must be positive, got {grad_batches}")
+    if not (l1_mu >= 0 and 0 <= change_budget <= 1 and change_threshold >= 0):
+        raise ValueError(f"need l1_mu >= 0, 0 <= change_budget <= 1, change_threshold >= 0; "
+                         f"got {l1_mu}, {change_budget}, {change_threshold}")
     start = time.perf_counter()
     work = copy.deepcopy(model)
     with _seeded(seed) as generator:
@@ -124,10 +174,17 @@ def train_local(model: nn.Module, dataset: Dataset, *, kind: str = "delta", epoc
                     prox = sum((p - anchor[k]).pow(2).sum() for k, p in m.named_parameters())
                     return _cross_entropy(m, x, y) + prox_mu / 2 * prox
 
-            loss = _sgd_epochs(work, loader, loss_fn, epochs=epochs, lr=lr,
-                               momentum=momentum, weight_decay=weight_decay)
-            received = float_state(model)
-            tensors = {k: v - received[k] for k, v in float_state(work).items()}
+            received = dict(model.named_parameters())
+            pairs = [(p, received[k].detach()) for k, p in work.named_parameters()]
+            project = _constrain(pairs, shrink=lr * l1_mu, budget=change_budget) \
+                if l1_mu > 0 or change_budget > 0 else None
+            loss = _sgd_epochs(work, loader, loss_fn, epochs=epochs, lr=lr, momentum=momentum,
+                               weight_decay=weight_decay, after_step=project)
+            before = float_state(model)
+            tensors = {k: v - before[k] for k, v in float_state(work).items()}
+            if change_threshold > 0:
+                for k in received:
+                    tensors[k] = torch.where(tensors[k].abs() < change_threshold, 0.0, tensors[k])
             num_samples = len(dataset)
         elif kind == "gradient":
             tensors, loss, num_samples = _mean_gradient(work, loader, grad_batches)

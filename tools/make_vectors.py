@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmq.common import messages as M
 from fedmq.common.channel import Sealer
+from fedmq.common.compression import Downlink, Uplink, compress_tensors, delta_body, encode_model_delta, encode_update, preset
 from fedmq.common.jobconfig import parse_job
 from fedmq.common.keys import Identity, public_pem, raw_public_bytes
 from fedmq.common.tensors import encode_quantized, encode_sparse, encode_state_dict
@@ -49,6 +50,18 @@ def main() -> None:
     ss = Sealer(slave, JOB, seq=1, chunk_size=CHUNK)
     pub = raw_public_bytes(slave.public_key)
     w1 = weights["0.weight"]
+    g = torch.Generator().manual_seed(1)
+    change = {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in weights.items()}  # a trained delta's stand-in
+    half = {**compress_tensors({k: change[k] for k in ("0.weight", "2.bias")}, Uplink(quantize="float16"))[0],
+            **compress_tensors({k: change[k] for k in ("0.bias", "2.weight")},
+                               Uplink(topk=0.25, quantize="bfloat16"))[0]}
+    newer = {k: v + change[k] for k, v in weights.items()}
+    model_delta, _ = encode_model_delta(weights, newer, Downlink(delta=True, topk=0.1, quantize="int8", block=64))
+
+    def update(name: str, tensors: dict) -> tuple:
+        return (ss, name, topics.slave("update", "slave-01"), M.UPDATE, {
+            "update_id": "slave-01/4/4", "kind": "delta", "base_version": 4, "samples": 180,
+            "metrics": {"loss": 0.42, "seconds": 0.31}, "tensors": tensors}, 4, 4)
     samples = [
         (ms, "instruction", topics.master("instruction"), M.INSTRUCTION, instruction_body(parse_job({
             "job": {"id": JOB, "task": "digits"}, "model": spec, "enrollment": {"mode": "open"},
@@ -75,6 +88,11 @@ def main() -> None:
             "tensors": encode_state_dict({k: torch.full_like(v, 0.001) for k, v in weights.items()}),
         }, 4, 4),
         (ss, "presence", topics.slave("presence", "slave-01"), M.PRESENCE, {"state": "online", "version": 4}, 4, 0),
+        # compressed forms (PROTOCOL.md 8, 14.2); appended so the vectors above keep their bytes
+        update("update-topk", encode_update(change, preset("topk").uplink)),
+        update("update-int8", encode_update(change, preset("int8").uplink)),
+        update("update-half", half),
+        (ms, "delta-q8", topics.master("delta"), M.DELTA, delta_body(3, weights, model_delta), 4, 4),
     ]
     index = []
     for sealer, name, topic, kind, body, version, rnd in samples:

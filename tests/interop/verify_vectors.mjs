@@ -360,6 +360,7 @@ function checkTensor(item, budget, name, finite) {
       if (idx.kind !== "i" || (idx.size !== 4 && idx.size !== 8) || idx.shape.length !== 1) {
         fail("bad_tensor", "coo indices must be a 1-D int32/int64 array");
       }
+      if (idx.n > n) fail("bad_tensor", "coo holds more indices than the tensor has elements");
       const values = checkTensor(body.get("values"), budget, `${name}.values`, finite);
       if (values.shape.length !== 1 || values.n !== idx.n) fail("bad_tensor", "coo values must be 1-D and match the indices");
       for (let i = 0; i < idx.n; i++) {
@@ -369,15 +370,27 @@ function checkTensor(item, budget, name, finite) {
       return { form: "coo", dtype: values.dtype, shape, n, nnz: idx.n };
     }
     if (form === "q8") {
-      if (!isMap(body) || body.size !== 3 || !["scale", "zero", "codes"].every((k) => body.has(k))) {
-        fail("bad_tensor", "q8 needs exactly scale, zero, codes");
+      // one scale (a CBOR float) for the tensor, or "block" and one float32 scale per block
+      const blocked = isMap(body) && body.size === 4 && body.has("block");
+      if (!isMap(body) || (body.size !== 3 && !blocked) || !["scale", "zero", "codes"].every((k) => body.has(k))) {
+        fail("bad_tensor", "q8 needs exactly scale, zero, codes (and block for per-block scales)");
       }
       const scale = body.get("scale");
       const zero = body.get("zero");
-      if (!(scale instanceof Float) || !Number.isFinite(scale.value)) fail("bad_tensor", "q8 scale must be a finite CBOR float");
       if (typeof zero !== "number" || !Number.isInteger(zero) || zero < -128 || zero > 127) fail("bad_tensor", "q8 zero must be an int8");
       const codes = checkDense(body.get("codes"), budget);
       if (codes.tag !== 72) fail("bad_tensor", "q8 codes must be int8 (tag 72)");
+      if (blocked) {
+        const block = body.get("block");
+        if (typeof block !== "number" || !isUint(block) || block < 1) fail("bad_tensor", "q8 block must be a positive uint");
+        const scales = checkDense(scale, budget);
+        if (scales.dtype !== "float32" || scales.shape.length !== 1 || scales.n !== Math.ceil(codes.n / block)) {
+          fail("bad_tensor", `q8 needs a 1-D float32 scale per block of ${block}: ${Math.ceil(codes.n / block)} scales`);
+        }
+        checkFinite(scales, `${name}.scale`);
+        return { form: `q8/${block}`, dtype: "float32", shape: codes.shape, n: codes.n };
+      }
+      if (!(scale instanceof Float) || !Number.isFinite(scale.value)) fail("bad_tensor", "q8 scale must be a finite CBOR float");
       return { form: "q8", dtype: "float32", shape: codes.shape, n: codes.n };
     }
   }
@@ -405,7 +418,8 @@ const KINDS = {
   confirm: { topic: /\/confirm\/[^/]+$/, fields: { public_key: (v) => isBytes(v) && v.length === 32, samples: isUint, capabilities: isMap } },
   decline: { topic: /\/confirm\/[^/]+$/, fields: { public_key: (v) => isBytes(v) && v.length === 32, reason: str } },
   model: { topic: /\/(model|to\/[^/]+)$/, fields: { tensors: isMap }, tensors: "finite" },
-  delta: { topic: /\/delta$/, fields: { base_version: isUint, tensors: isMap }, tensors: "any" },
+  delta: { topic: /\/delta$/, fields: { base_version: isUint, tensors: isMap }, tensors: "any",
+    optional: { base_digest: (v) => isBytes(v) && v.length === 16 } },
   round: { topic: /\/round$/, fields: { participants: (v) => Array.isArray(v) && v.every(str), deadline: isNumber, update: str } },
   update: {
     topic: /\/update\/[^/]+$/,
@@ -421,6 +435,9 @@ function checkBody(manifest, topic, body, kid, ownKey) {
   if (!spec || !spec.topic.test(topic)) fail("bad_kind", `${manifest.kind} is not expected on ${topic}`);
   for (const [field, ok] of Object.entries(spec.fields)) {
     if (!body.has(field) || !ok(body.get(field))) fail("bad_body", `${manifest.kind}.${field} missing or of the wrong type`);
+  }
+  for (const [field, ok] of Object.entries(spec.optional || {})) {
+    if (body.has(field) && !ok(body.get(field))) fail("bad_body", `${manifest.kind}.${field} of the wrong type`);
   }
   const notes = [];
   const slaveId = topic.match(/\/(?:confirm|update|presence)\/([^/]+)$/);

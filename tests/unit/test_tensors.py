@@ -2,13 +2,18 @@
 
 Guards: exact round trips for every dtype and for empty, scalar and large tensors;
 zero-copy decoding; big-endian input from other implementations; the sparse (coo)
-and quantized (q8) forms; and the decoder's refusal of every inconsistent or
-oversized input *before* it allocates anything of the claimed size.
+and quantized (q8, per-tensor and per-block) forms; the receiver's expected spec
+and per-model limits; and the decoder's refusal of every inconsistent or oversized
+input *before* it allocates anything of the claimed size (the sparse bomb of issue
+11 included, measured in a subprocess).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from typing import Any
 
 import cbor2
@@ -21,13 +26,16 @@ from fedmq.common import envelope, messages
 from fedmq.common.errors import ProtocolError, Reason
 from fedmq.common.tensors import (
     Limits,
+    as_float32_state,
     decode_state_dict,
     decode_tensor,
+    dequantize,
     describe,
     encode_quantized,
     encode_sparse,
     encode_state_dict,
     encode_tensor,
+    spec_of,
 )
 
 
@@ -389,3 +397,202 @@ def test_tensors_of_checks_sparse_and_quantized_results_too() -> None:
         assert exc.value.reason == Reason.NON_FINITE
     ints = {"i": torch.tensor([1, 2]), "u": torch.tensor([255], dtype=torch.uint8)}
     assert set(messages.tensors_of(wire_roundtrip({"tensors": encode_state_dict(ints)}))) == {"i", "u"}
+
+
+# ------------------------------------------------------------------ per-block q8
+
+
+def q8_blocks(codes: torch.Tensor, scales: torch.Tensor, block: int, zero: int = 0) -> dict:
+    return encode_quantized(codes, scales, zero, block)
+
+
+def test_q8_per_block_round_trip_including_a_short_last_block() -> None:
+    codes = torch.arange(-50, 50, dtype=torch.int8).reshape(10, 10)
+    scales = torch.tensor([0.5, 0.25, 2.0, 1e-3], dtype=torch.float32)  # blocks of 32: 32, 32, 32, 4
+    item = wire_roundtrip(q8_blocks(codes, scales, 32, zero=1))
+    assert set(item["q8"]) == {"scale", "zero", "codes", "block"} and item["q8"]["scale"].value[1].tag == 85
+    out = decode_tensor(item)
+    flat = codes.reshape(-1).to(torch.float32) - 1
+    want = torch.cat([flat[0:32] * 0.5, flat[32:64] * 0.25, flat[64:96] * 2.0, flat[96:] * torch.tensor(1e-3)])
+    assert out.dtype == torch.float32 and out.shape == (10, 10)
+    assert torch.equal(out, want.reshape(10, 10))
+    assert torch.equal(out, dequantize(codes, scales, 1, 32))
+    empty = decode_tensor(wire_roundtrip(q8_blocks(torch.zeros(0, dtype=torch.int8), torch.zeros(0), 8)))
+    assert empty.numel() == 0
+
+
+def test_q8_per_tensor_scale_is_applied_in_float32() -> None:
+    # PROTOCOL.md 8: the CBOR float64 scale is rounded to float32 first, then multiplied
+    codes = torch.tensor([127, -3, 1], dtype=torch.int8)
+    out = decode_tensor(wire_roundtrip(encode_quantized(codes, 0.1, 0)))
+    assert torch.equal(out, codes.to(torch.float32) * torch.tensor(0.1, dtype=torch.float32))
+
+
+def test_q8_per_block_rejections() -> None:
+    codes = torch.ones(10, dtype=torch.int8)
+    item = encode_quantized(codes, torch.ones(3), 0, 4)["q8"]
+    dense_scale = item["scale"]
+    reject({"q8": {**item, "block": 0}}, Reason.BAD_TENSOR)
+    reject({"q8": {**item, "block": 1.0}}, Reason.BAD_TENSOR)
+    reject({"q8": {**item, "block": 5}}, Reason.BAD_TENSOR)  # 2 blocks, 3 scales
+    reject({"q8": {**item, "scale": 1.0}}, Reason.BAD_TENSOR)  # block needs a scale array
+    reject({"q8": {k: v for k, v in item.items() if k != "block"}}, Reason.BAD_TENSOR)  # an array needs block
+    reject({"q8": {**item, "scale": encode_tensor(torch.ones(3, dtype=torch.float64))}}, Reason.BAD_TENSOR)
+    reject({"q8": {**item, "scale": encode_tensor(torch.ones(1, 3))}}, Reason.BAD_TENSOR)
+    reject({"q8": {**item, "scale": encode_tensor(torch.tensor([1.0, math.inf, 1.0]))}}, Reason.BAD_TENSOR)
+    reject({"q8": {**item, "extra": 1}}, Reason.BAD_TENSOR)
+    assert dense_scale.value[1].tag == 85
+    with pytest.raises(ValueError):
+        encode_quantized(codes, torch.ones(2), 0, 4)
+
+
+@pytest.mark.parametrize("block", [2**40, 2**63 - 1, 2**64 - 1], ids=["2^40", "2^63-1", "2^64-1"])
+def test_q8_with_a_huge_block_allocates_nothing_of_that_size(block: int) -> None:
+    item = {"q8": {"scale": encode_tensor(torch.tensor([0.5])), "zero": 0,
+                   "codes": encode_tensor(torch.tensor([2, -4], dtype=torch.int8)), "block": block}}
+    assert decode_tensor(wire_roundtrip(item)).tolist() == [1.0, -2.0]
+    reject({"q8": {**item["q8"], "block": 2**64 + 1}}, Reason.BAD_TENSOR)  # a bignum is no uint
+
+
+# ------------------------------------------------------------------ expected spec, limits per model
+
+MODEL = {"0.weight": torch.zeros(16, 64), "0.bias": torch.zeros(16), "2.weight": torch.zeros(10, 16),
+         "2.bias": torch.zeros(10)}
+SPEC = spec_of(MODEL)
+
+
+def every_form(shape: tuple[int, ...]) -> dict[str, Any]:
+    n = math.prod(shape)
+    all_idx = torch.arange(n, dtype=torch.int32)
+    return {
+        "f32": encode_tensor(torch.ones(shape)),
+        "f16": encode_tensor(torch.ones(shape, dtype=torch.float16)),
+        "bf16": encode_tensor(torch.ones(shape, dtype=torch.bfloat16)),
+        "q8": encode_quantized(torch.ones(shape, dtype=torch.int8), 0.5, 0),
+        "q8-blocks": encode_quantized(torch.ones(shape, dtype=torch.int8), torch.ones(-(-n // 4)), 0, 4),
+        "coo-dense": encode_sparse(shape, all_idx, torch.ones(n)),  # k = n: the largest legit claim
+        "coo-q8": encode_sparse(shape, all_idx[:3], encode_quantized(torch.ones(3, dtype=torch.int8), 0.5, 0)),
+        "coo-f16": encode_sparse(shape, all_idx[:3], torch.ones(3, dtype=torch.float16)),
+    }
+
+
+@pytest.mark.parametrize("form", list(every_form((2,))))
+def test_every_wire_form_of_the_model_fits_tight_limits_and_the_spec(form: str) -> None:
+    limits = Limits.for_model(MODEL)
+    items = {name: every_form(shape)[form] for name, (shape, _) in SPEC.items()}
+    out = as_float32_state(decode_state_dict(wire_roundtrip(items), limits, expected=SPEC))
+    assert spec_of(out) == SPEC
+
+
+def test_limits_for_model() -> None:
+    limits = Limits.for_model(MODEL)
+    assert limits == Limits(max_elements=1024, max_total_elements=3 * (1024 + 16 + 160 + 10),
+                            max_tensors=4, max_ndim=2)
+    assert Limits.for_model(SPEC) == limits
+    assert Limits.for_model({}) == Limits(max_elements=1, max_total_elements=1, max_tensors=1, max_ndim=1)
+    with pytest.raises(ProtocolError) as exc:  # a fifth tensor
+        decode_state_dict(wire_roundtrip(encode_state_dict({**MODEL, "x": torch.zeros(1)})), limits)
+    assert exc.value.reason == Reason.TOO_LARGE
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    (lambda sd: {k: v for k, v in sd.items() if k != "0.bias"}, "missing"),
+    (lambda sd: {**sd, "3.weight": torch.zeros(1)}, "unexpected"),
+    (lambda sd: {**sd, "0.bias": torch.zeros(17)}, "shape"),
+    (lambda sd: {**sd, "0.bias": torch.zeros(4, 4)}, "same size, other shape"),
+    (lambda sd: {**sd, "0.bias": torch.zeros(16, dtype=torch.float64)}, "float64"),
+    (lambda sd: {**sd, "0.bias": torch.zeros(16, dtype=torch.int32)}, "int"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_expected_spec_rejects_names_shapes_and_dtypes(change: Any, why: str) -> None:
+    with pytest.raises(ProtocolError) as exc:
+        decode_state_dict(wire_roundtrip(encode_state_dict(change(dict(MODEL)))), expected=SPEC)
+    assert exc.value.reason == Reason.BAD_TENSOR, why
+
+
+def test_partial_admits_a_subset_and_messages_pass_the_spec_through() -> None:
+    sub = {"2.bias": torch.ones(10)}
+    assert set(decode_state_dict(wire_roundtrip(encode_state_dict(sub)), expected=SPEC, partial=True)) == {"2.bias"}
+    body = wire_roundtrip({"tensors": encode_state_dict(sub)})
+    with pytest.raises(ProtocolError):
+        messages.tensors_of(body, expected=SPEC)
+    assert set(messages.tensors_of(body, expected=SPEC, partial=True)) == {"2.bias"}
+
+
+def test_as_float32_state_widens_16_bit_floats_only() -> None:
+    sd = {"h": torch.tensor([1.5], dtype=torch.float16), "b": torch.tensor([-2.0], dtype=torch.bfloat16),
+          "f": torch.tensor([3.0]), "d": torch.tensor([4.0], dtype=torch.float64), "i": torch.tensor([5])}
+    out = as_float32_state(sd)
+    assert {k: v.dtype for k, v in out.items()} == {"h": torch.float32, "b": torch.float32, "f": torch.float32,
+                                                    "d": torch.float64, "i": torch.int64}
+    assert [float(v) for v in out.values()] == [1.5, -2.0, 3.0, 4.0, 5.0]
+    assert out["f"] is sd["f"]
+
+
+def test_coo_with_more_indices_than_elements_is_refused() -> None:
+    reject(encode_sparse((2,), torch.tensor([0, 1, 1]), torch.ones(3)), Reason.BAD_TENSOR)
+
+
+def test_sparse_claims_are_all_counted_before_any_is_densified() -> None:
+    # Three coo claims fit the budget, the fourth does not: nothing may be built before
+    # the fourth is seen (the claims, not the allocations, exhaust the budget).
+    limits = Limits(max_elements=1000, max_total_elements=3500)
+    sd = {f"t{i}": encode_sparse((1000,), torch.tensor([0]), torch.ones(1)) for i in range(4)}
+    built = []
+    real_zeros = torch.zeros
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        built.append(args)
+        return real_zeros(*args, **kwargs)
+
+    torch.zeros = spy
+    try:
+        with pytest.raises(ProtocolError) as exc:
+            decode_state_dict(wire_roundtrip(sd), limits)
+    finally:
+        torch.zeros = real_zeros
+    assert exc.value.reason == Reason.TOO_LARGE and built == []
+
+
+# ------------------------------------------------------------------ the decompression bomb (issue 11, item 6)
+
+BOMB_SCRIPT = r"""
+import json, resource, sys
+import cbor2, torch
+from fedmq.common import envelope, messages
+from fedmq.common.errors import ProtocolError
+from fedmq.common.tensors import Limits, encode_sparse, spec_of
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+# the model the master expects (the reference MLP) and the attack: four coo tensors
+# of shape [8192, 8192] float64 with a handful of indices, under the model's names
+model = {"0.weight": torch.zeros(128, 64), "0.bias": torch.zeros(128), "2.weight": torch.zeros(10, 128),
+         "2.bias": torch.zeros(10)}
+idx = torch.tensor([0, 1, 8192 * 8192 - 1], dtype=torch.int32)
+bomb = {name: encode_sparse((8192, 8192), idx, torch.ones(3, dtype=torch.float64)) for name in model}
+raw = cbor2.dumps({"tensors": bomb})
+body = envelope.loads(raw)
+results = {"bytes": len(raw)}
+before = peak_mb()
+for label, kwargs in [("defaults", {}), ("spec", {"expected": spec_of(model)}),
+                      ("model", {"limits": Limits.for_model(model), "expected": spec_of(model)})]:
+    try:
+        messages.tensors_of(body, **kwargs)
+        results[label] = "accepted"
+    except ProtocolError as exc:
+        results[label] = exc.reason
+results["growth_mb"] = peak_mb() - before
+print(json.dumps(results))
+"""
+
+
+def test_the_sparse_decompression_bomb_is_refused_before_allocation() -> None:
+    proc = subprocess.run([sys.executable, "-c", BOMB_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bytes"] < 1024  # ~ the 719-byte signed update of the report, minus the envelope
+    assert result["defaults"] == Reason.TOO_LARGE  # 4 × 64 Mi claimed + indices > 256 Mi per message
+    assert result["spec"] == Reason.BAD_TENSOR  # shapes are not the model's
+    assert result["model"] == Reason.TOO_LARGE  # larger than any tensor of the model
+    assert result["growth_mb"] < 50, result  # was +1.5 GB

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,3 +149,72 @@ def test_distillation_trains_a_smaller_student_towards_the_teacher(data):
         agree = (distilled(x).argmax(1) == teacher(x).argmax(1)).float().mean()
         agree_before = (student(x).argmax(1) == teacher(x).argmax(1)).float().mean()
     assert agree > 0.9 > agree_before
+
+
+# ------------------------------------------------------------------ constrained delta training
+
+PARAMS = ("0.weight", "0.bias", "2.weight", "2.bias")
+
+
+def _changed(result) -> dict[str, int]:
+    return {k: int((result.tensors[k] != 0).sum()) for k in PARAMS}
+
+
+def test_l1_toward_the_received_weights_makes_exact_zeros_and_more_with_a_larger_mu(data):
+    model = build_model(MLP)
+    free = train_local(model, data, epochs=3, lr=0.2, seed=2)
+    mild = train_local(model, data, epochs=3, lr=0.2, seed=2, l1_mu=0.01)
+    strong = train_local(model, data, epochs=3, lr=0.2, seed=2, l1_mu=0.05)
+    total = sum(free.tensors[k].numel() for k in PARAMS)
+    assert sum(_changed(free).values()) > 0.9 * total  # (dead ReLUs aside, everything moves)
+    assert sum(_changed(strong).values()) < sum(_changed(mild).values()) < total
+    assert sum(_changed(strong).values()) < 0.5 * total
+    # still learns: the constrained delta lowers the loss
+    before = _snapshot(model)
+    trained = {k: before[k] + strong.tensors[k] for k in before}
+    assert _mean_loss(None, data, trained) < 0.8 * _mean_loss(model, data)
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.2])
+def test_change_budget_caps_the_changed_entries_of_every_parameter_tensor(data, budget):
+    model = build_model(MLP)
+    result = train_local(model, data, epochs=3, lr=0.2, seed=4, change_budget=budget)
+    for k, changed in _changed(result).items():
+        assert 0 < changed <= math.ceil(budget * result.tensors[k].numel()), k
+    before = _snapshot(model)
+    trained = {k: before[k] + result.tensors[k] for k in before}
+    assert _mean_loss(None, data, trained) < 0.8 * _mean_loss(model, data)
+
+
+def test_change_threshold_drops_small_changes_only(data):
+    model = build_model(MLP)
+    free = train_local(model, data, epochs=2, seed=5)
+    cut = train_local(model, data, epochs=2, seed=5, change_threshold=0.01)
+    for k in PARAMS:
+        d, f = cut.tensors[k], free.tensors[k]
+        assert torch.equal(d, torch.where(f.abs() < 0.01, torch.zeros_like(f), f)), k
+    assert sum(_changed(cut).values()) < sum(_changed(free).values())
+
+
+def test_constraints_leave_buffers_and_gradients_alone(data):
+    spec = {"seed": 0, "layers": [{"type": "Linear", "in_features": 8, "out_features": 4},
+                                  {"type": "BatchNorm1d", "num_features": 4},
+                                  {"type": "ReLU"},
+                                  {"type": "Linear", "in_features": 4, "out_features": 3}]}
+    model = build_model(spec)
+    free = train_local(model, data, epochs=1, seed=0)
+    tight = train_local(model, data, epochs=1, seed=0, change_budget=0.01, change_threshold=10.0)
+    # parameters: every change is below 10, so all are dropped; buffers are not parameters
+    assert all(not tight.tensors[k].any() for k in ("0.weight", "0.bias", "3.weight", "3.bias"))
+    assert tight.tensors["1.running_mean"].abs().sum() > 0  # buffers are sent as computed
+    plain = train_local(model, data, kind="gradient", seed=3)
+    constrained = train_local(model, data, kind="gradient", seed=3, l1_mu=1.0, change_budget=0.1)
+    assert all(torch.equal(plain.tensors[k], constrained.tensors[k]) for k in plain.tensors)
+    assert free.tensors["1.running_mean"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kwargs", [{"l1_mu": -1.0}, {"change_budget": 1.5}, {"change_budget": -0.1},
+                                    {"change_threshold": -1.0}])
+def test_bad_constraints(data, kwargs):
+    with pytest.raises(ValueError):
+        train_local(build_model(MLP), data, **kwargs)

@@ -114,7 +114,7 @@ def test_self_signed_vectors_verify_without_any_trusted_key() -> None:
 
 def test_update_vector_tensors_match_the_generator() -> None:
     # tools/make_vectors.py: the update carries torch.full_like(w, 0.001) for an MLP 64-16-10
-    (entries,) = [g for g in GROUPS.values() if g[0]["kind"] == messages.UPDATE]
+    entries = GROUPS["update"]  # (update-topk, update-int8, update-half: compressed forms)
     payloads = [(VECTORS / e["file"]).read_bytes() for e in entries]
     summary = decode_payloads(payloads, entries[0]["topic"], keyring_of(entries[0]))
     assert summary["tensors"] == [
