@@ -50,7 +50,7 @@ KINDS: dict[str, Kind] = {
         Kind(CONFIRM, ("confirm",), {"public_key": bytes, "samples": int, "capabilities": dict}),
         Kind(DECLINE, ("confirm",), {"public_key": bytes, "reason": str}),
         Kind(MODEL, ("model", "to"), {"run": str, "tensors": dict}),
-        Kind(DELTA, ("delta",), {"base_version": int, "tensors": dict}),
+        Kind(DELTA, ("delta",), {"run": str, "base_version": int, "base_digest": bytes, "tensors": dict}),
         Kind(ROUND, ("round",), {"run": str, "participants": list, "received": list, "deadline": _NUM, "update": str}),
         Kind(UPDATE, ("update",), {
             "update_id": str, "kind": str, "base_version": int, "samples": int, "metrics": dict, "tensors": dict,

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmq.common import messages as M
 from fedmq.common.channel import Sealer
-from fedmq.common.compression import Downlink, Uplink, compress_tensors, delta_body, encode_model_delta, encode_update, preset
+from fedmq.common.compression import (Downlink, Uplink, compress_tensors, delta_body, encode_model_delta, encode_update,
+                                      params_digest, preset)
 from fedmq.common.jobconfig import parse_job
 from fedmq.common.keys import Identity, public_pem, raw_public_bytes
 from fedmq.common.tensors import encode_quantized, encode_sparse, encode_state_dict
@@ -25,6 +26,7 @@ from fedmq.master.job import instruction_body
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "vectors"
 NOW = 1_790_000_000.0  # fixed clock
+RUN = "0f3c2a9e5d1b"  # a fixed run id
 JOB = "digits"
 CHUNK = 4096  # small, so the model vector shows chunking
 
@@ -66,21 +68,24 @@ def main() -> None:
         (ms, "instruction", topics.master("instruction"), M.INSTRUCTION, instruction_body(parse_job({
             "job": {"id": JOB, "task": "digits"}, "model": spec, "enrollment": {"mode": "open"},
             "master": {"key": "master.key"}, "rounds": {"participants": 8},
-        }, OUT)), 0, 0),
+        }, OUT), RUN), 0, 0),
         (ss, "confirm", topics.slave("confirm", "slave-01"), M.CONFIRM, {
             "public_key": pub, "samples": 180, "capabilities": {"update": ["delta", "gradient"], "torch": "2.13.0"},
         }, 0, 0),
         (ss, "decline", topics.slave("confirm", "slave-01"), M.DECLINE, {
             "public_key": pub, "reason": "no local samples for task 'digits'",
         }, 0, 0),
-        (ms, "model", topics.master("model"), M.MODEL, {"tensors": encode_state_dict(weights)}, 3, 3),
-        (ms, "model-direct", topics.direct("slave-01"), M.MODEL, {"tensors": encode_state_dict(weights)}, 3, 0),
-        (ms, "delta", topics.master("delta"), M.DELTA, {"base_version": 3, "tensors": {
+        (ms, "model", topics.master("model"), M.MODEL, {"run": RUN, "tensors": encode_state_dict(weights)}, 3, 3),
+        (ms, "model-direct", topics.direct("slave-01"), M.MODEL, {"run": RUN, "tensors": encode_state_dict(weights)},
+         3, 0),
+        (ms, "delta", topics.master("delta"), M.DELTA, {"run": RUN, "base_version": 3, "base_digest": params_digest(weights),
+                                                        "tensors": {
             "0.weight": encode_sparse(w1.shape, torch.tensor([0, 5, 77], dtype=torch.int32), torch.tensor([0.5, -0.25, 0.125])),
             "2.weight": encode_quantized(torch.tensor([[1, -3] * 8] * 10, dtype=torch.int8), 0.01, 0),
         }}, 4, 4),
         (ms, "round", topics.master("round"), M.ROUND, {
-            "participants": ["slave-01", "slave-02"], "deadline": NOW + 60.0, "update": "delta",
+            "run": RUN, "participants": ["slave-01", "slave-02"], "received": ["slave-02"], "deadline": NOW + 60.0,
+            "update": "delta",
         }, 4, 4),
         (ss, "update", topics.slave("update", "slave-01"), M.UPDATE, {
             "update_id": "slave-01/4/4", "kind": "delta", "base_version": 4, "samples": 180,
@@ -92,7 +97,8 @@ def main() -> None:
         update("update-topk", encode_update(change, preset("topk").uplink)),
         update("update-int8", encode_update(change, preset("int8").uplink)),
         update("update-half", half),
-        (ms, "delta-q8", topics.master("delta"), M.DELTA, delta_body(3, weights, model_delta), 4, 4),
+        (ms, "delta-q8", topics.master("delta"), M.DELTA, {"run": RUN, **delta_body(3, weights, model_delta)}, 4, 4),
+        (ms, "reconfirm", topics.direct("slave-01"), M.RECONFIRM, {"run": RUN, "reason": "not enrolled"}, 0, 0),
     ]
     index = []
     for sealer, name, topic, kind, body, version, rnd in samples:

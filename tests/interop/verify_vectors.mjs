@@ -414,13 +414,15 @@ function checkStateDict(tensors, finite) {
 
 const str = (v) => typeof v === "string";
 const KINDS = {
-  instruction: { topic: /\/instruction$/, fields: { task: str, model: isMap, train: isMap, update: str, requirements: isMap, round_policy: isMap } },
+  instruction: { topic: /\/instruction$/, fields: { run: str, task: str, model: isMap, train: isMap, update: str, requirements: isMap, round_policy: isMap } },
   confirm: { topic: /\/confirm\/[^/]+$/, fields: { public_key: (v) => isBytes(v) && v.length === 32, samples: isUint, capabilities: isMap } },
   decline: { topic: /\/confirm\/[^/]+$/, fields: { public_key: (v) => isBytes(v) && v.length === 32, reason: str } },
-  model: { topic: /\/(model|to\/[^/]+)$/, fields: { tensors: isMap }, tensors: "finite" },
-  delta: { topic: /\/delta$/, fields: { base_version: isUint, tensors: isMap }, tensors: "any",
-    optional: { base_digest: (v) => isBytes(v) && v.length === 16 } },
-  round: { topic: /\/round$/, fields: { participants: (v) => Array.isArray(v) && v.every(str), deadline: isNumber, update: str } },
+  model: { topic: /\/(model|to\/[^/]+)$/, fields: { run: str, tensors: isMap }, tensors: "finite" },
+  delta: { topic: /\/delta$/, fields: { run: str, base_version: isUint, base_digest: (v) => isBytes(v) && v.length === 16, tensors: isMap },
+    tensors: "any" },
+  round: { topic: /\/round$/, fields: { run: str, participants: (v) => Array.isArray(v) && v.every(str),
+    received: (v) => Array.isArray(v) && v.every(str), deadline: isNumber, update: str } },
+  reconfirm: { topic: /\/to\/[^/]+$/, fields: { run: str, reason: str } },
   update: {
     topic: /\/update\/[^/]+$/,
     fields: { update_id: str, kind: (v) => ["delta", "gradient", "student"].includes(v), base_version: isUint,
