@@ -24,8 +24,9 @@ $(VENV)/.dev: $(VENV)/.torch pyproject.toml
 	$(PIP) install -q --target $(PYCOSE_DIR) 'pycose==1.1.0' 'cbor2<6'
 	touch $@
 
+# [plot]: matplotlib, for demo-report/accuracy.png
 $(VENV)/.demo: $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e '.[embedded]'
+	$(PIP) install -q -e '.[embedded,plot]'
 	touch $@
 
 venv: $(VENV)/.dev

@@ -45,7 +45,7 @@ from paho.mqtt.properties import Properties
 
 from fedmq.common import messages as M
 from fedmq.common.channel import Inbox, Sealer, initial_seq
-from fedmq.common.effects import Log, Publish, SaveState, Subscribe, Train
+from fedmq.common.effects import SLAVE_EFFECTS, Interpreter, Log, Publish, SaveState, Subscribe, Train
 from fedmq.common.errors import ProtocolError
 from fedmq.common.jobconfig import SlaveConfig
 from fedmq.common.keys import Identity, KeyRing, load_public_key, raw_public_bytes
@@ -191,6 +191,10 @@ class Slave:
         c.max_inflight_messages_set(self.broker_cfg.max_inflight)
         self.client = c
         self._online = b""
+        self._interpret = Interpreter({
+            Publish: self._publish, Subscribe: self._subscribe, SaveState: lambda fx: setattr(self, "state", fx.state),
+            Train: lambda fx: self.host.trainq.append((self, fx)), Log: self._log,
+        }, covers=SLAVE_EFFECTS)
 
     @property
     def broker_cfg(self) -> BrokerConfig:
@@ -263,30 +267,29 @@ class Slave:
             self.host.stats["rejected"] += 1
 
     def apply(self, effects: list) -> None:
-        for fx in effects:
-            if isinstance(fx, Publish):
-                for payload in self.sealer.seal(fx.topic, fx.kind, fx.body, now=time.time(), version=fx.version,
-                                                round=fx.round):
-                    self.client.publish(fx.topic, payload, qos=fx.qos, retain=fx.retain)
-                if fx.kind == M.UPDATE:
-                    self.host.stats["updates_sent"] += 1
-                    mark = self.host.round_marks.setdefault(fx.round, [time.time(), 0.0])
-                    mark[1] = max(mark[1], time.time())
-            elif isinstance(fx, Subscribe):
-                topics = [fx.topic]
-                if fx.topic.endswith(("/model", "/instruction", "/round")):
-                    topics.append(fx.topic + "/chunk/+")
-                for t in topics:
-                    self.subs[t] = fx.qos
-                    if self.connected:
-                        self.client.subscribe(t, fx.qos)
-            elif isinstance(fx, SaveState):
-                self.state = fx.state
-            elif isinstance(fx, Train):
-                self.host.trainq.append((self, fx))
-            elif isinstance(fx, Log) and fx.level != "info":
-                self.host.stats["warnings"] += 1
-                print(f"{self.name}: {fx.level}: {fx.message}", file=sys.stderr)
+        self._interpret(effects)
+
+    def _publish(self, fx: Publish) -> None:
+        for payload in self.sealer.seal(fx.topic, fx.kind, fx.body, now=time.time(), version=fx.version, round=fx.round):
+            self.client.publish(fx.topic, payload, qos=fx.qos, retain=fx.retain)
+        if fx.kind == M.UPDATE:
+            self.host.stats["updates_sent"] += 1
+            mark = self.host.round_marks.setdefault(fx.round, [time.time(), 0.0])
+            mark[1] = max(mark[1], time.time())
+
+    def _subscribe(self, fx: Subscribe) -> None:
+        topics = [fx.topic]
+        if fx.topic.endswith(("/model", "/instruction", "/round")):
+            topics.append(fx.topic + "/chunk/+")
+        for t in topics:
+            self.subs[t] = fx.qos
+            if self.connected:
+                self.client.subscribe(t, fx.qos)
+
+    def _log(self, fx: Log) -> None:
+        if fx.level != "info":
+            self.host.stats["warnings"] += 1
+            print(f"{self.name}: {fx.level}: {fx.message}", file=sys.stderr)
 
     def train(self, fx: Train) -> None:
         t = time.perf_counter()

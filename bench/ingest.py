@@ -67,7 +67,8 @@ from fedmq.demo import to_toml  # noqa: E402
 from fedmq.common import messages as M  # noqa: E402
 from fedmq.common.channel import Inbox, Sealer  # noqa: E402
 from fedmq.common.chunks import DEFAULT_CHUNK_SIZE  # noqa: E402
-from fedmq.common.effects import Checkpoint, Finish, Journal, Publish, PublishJson  # noqa: E402
+from fedmq.common.effects import (MASTER_EFFECTS, Ack, Checkpoint, Finish, Interpreter, Journal, Log,  # noqa: E402
+                                  Publish, PublishJson, Trust)
 from fedmq.common.jobconfig import parse_job  # noqa: E402
 from fedmq.common.keys import Identity, KeyRing, raw_public_bytes, write_identity  # noqa: E402
 from fedmq.common.modelspec import build_model  # noqa: E402
@@ -186,23 +187,20 @@ def in_process(size: str, mode: str, k: int, rounds: int, state_dir: Path,
     aggregate = core.strategy.aggregate
     core.strategy.aggregate = lambda *a, **kw: timed("aggregate (FedAvg)", aggregate, *a, **kw)  # type: ignore[method-assign]
 
-    def apply(effects) -> None:
-        for fx in effects:
-            if isinstance(fx, Publish):
-                timed("publish: seal model/round", sealer.seal, fx.topic, fx.kind, fx.body, now=time.time(),
-                      version=fx.version, round=fx.round)
-            elif isinstance(fx, PublishJson):
-                timed("publish: status/metrics JSON", json.dumps, fx.data, default=str)
-            elif isinstance(fx, Journal):
-                timed("journal append (write; fsync per batch)", append, fx.record, fx.raw_body)
-            elif isinstance(fx, Checkpoint):
-                def checkpoint(state=fx.state) -> None:
-                    acks.commit()  # as MasterDaemon: sync and release the held acks first
-                    write_atomic(state_dir / "checkpoint.cbor", cbor2.dumps(state))
-                    journal.truncate()
-                timed("checkpoint (CBOR + write + fsync)", checkpoint)
-            elif isinstance(fx, Finish):
-                pass
+    def checkpoint(fx: Checkpoint) -> None:
+        def write() -> None:
+            acks.commit()  # as MasterDaemon: sync and release the held acks first
+            write_atomic(state_dir / "checkpoint.cbor", cbor2.dumps(fx.state))
+            journal.truncate()
+        timed("checkpoint (CBOR + write + fsync)", write)
+
+    apply = Interpreter({
+        Publish: lambda fx: timed("publish: seal model/round", sealer.seal, fx.topic, fx.kind, fx.body, now=time.time(),
+                                  version=fx.version, round=fx.round),
+        PublishJson: lambda fx: timed("publish: status/metrics JSON", json.dumps, fx.data, default=str),
+        Journal: lambda fx: timed("journal append (write; fsync per batch)", append, fx.record, fx.raw_body),
+        Checkpoint: checkpoint,
+    }, ignore={Ack, Log, Trust, Finish}, covers=MASTER_EFFECTS)
 
     now = time.time()
     apply(core.start(now))

@@ -9,7 +9,7 @@ core that a unit test can read off the list, not a matter of the shell's timing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 
 @dataclass(frozen=True)
@@ -106,3 +106,39 @@ class Finish:
 
 
 Effect = Publish | PublishJson | Ack | Journal | Checkpoint | Trust | SaveState | Subscribe | Train | Log | Finish
+
+
+MASTER_EFFECTS = frozenset({Publish, PublishJson, Ack, Journal, Checkpoint, Trust, Log, Finish})
+"""What the master core returns; a master shell must handle (or explicitly ignore) each."""
+SLAVE_EFFECTS = frozenset({Publish, Subscribe, SaveState, Train, Log})
+"""What the slave core returns."""
+
+
+class UnhandledEffect(TypeError):
+    """An effect reached a shell that has no handler for it: a bug, never silently dropped."""
+
+
+class Interpreter:
+    """The one dispatch from effect type to handler, shared by daemons, benches and test harnesses.
+
+    Built with a handler per effect type and an explicit set of types to ignore; it
+    checks at construction that every effect the core can emit (`covers`) has one or
+    the other, so a daemon missing a handler fails when it starts, not mid-job -- and
+    an effect of any other type raises `UnhandledEffect` when it arrives.
+    """
+
+    def __init__(self, handlers: dict[type, Callable[[Any], None]], *, ignore: Iterable[type] = (),
+                 covers: Iterable[type] = ()) -> None:
+        self.handlers = dict(handlers)
+        self.ignore = frozenset(ignore)
+        missing = set(covers) - set(self.handlers) - self.ignore
+        if missing:
+            raise UnhandledEffect(f"no handler for {', '.join(sorted(t.__name__ for t in missing))}")
+
+    def __call__(self, effects: Iterable[Effect]) -> None:
+        for fx in effects:
+            handler = self.handlers.get(type(fx))
+            if handler is not None:
+                handler(fx)
+            elif type(fx) not in self.ignore:
+                raise UnhandledEffect(f"{type(fx).__name__} has no handler here")

@@ -75,8 +75,9 @@ class Manifest:
         m = loads(raw)
         if not isinstance(m, dict):
             raise ProtocolError(Reason.MALFORMED, "manifest is not a map")
-        if m.get("v") != PROTOCOL_VERSION:
-            raise ProtocolError(Reason.BAD_VERSION, f"protocol version {m.get('v')!r} (this is {PROTOCOL_VERSION})")
+        v = m.get("v")
+        if type(v) is not int or v != PROTOCOL_VERSION:  # 1.0 == 1 and True == 1 in Python: not a version
+            raise ProtocolError(Reason.BAD_VERSION, f"protocol version {v!r} (this is the integer {PROTOCOL_VERSION})")
         if set(m) != set(_MANIFEST_TYPES):
             raise ProtocolError(Reason.MALFORMED, f"manifest keys {sorted(map(str, m))}")
         for key, typ in _MANIFEST_TYPES.items():
@@ -199,15 +200,16 @@ def parse(data: bytes) -> Envelope:
     hdr = loads(protected) if protected else {}
     if not isinstance(hdr, dict):
         raise ProtocolError(Reason.MALFORMED, "protected header is not a map")
-    if hdr.get(HDR_ALG) != ALG_EDDSA:
-        raise ProtocolError(Reason.UNSUPPORTED_ALG, f"alg {hdr.get(HDR_ALG)!r}; fedmq signs with EdDSA (-8)")
-    kid = hdr.get(HDR_KID)
+    alg = label(hdr, HDR_ALG)
+    if type(alg) is not int or alg != ALG_EDDSA:
+        raise ProtocolError(Reason.UNSUPPORTED_ALG, f"alg {alg!r}; fedmq signs with EdDSA (the integer -8)")
+    kid = label(hdr, HDR_KID)
     if not isinstance(kid, bytes) or len(kid) != KID_LENGTH:
         raise ProtocolError(Reason.MALFORMED, f"kid must be a {KID_LENGTH}-byte string in the protected header")
-    part = unprotected.get(HDR_BODY)
+    part = label(unprotected, HDR_BODY)
     if not isinstance(part, bytes):
         raise ProtocolError(Reason.MALFORMED, "unprotected header lacks the body (-65537)")
-    chunk = unprotected.get(HDR_CHUNK)
+    chunk = label(unprotected, HDR_CHUNK)
     if chunk is not None:
         if (
             not isinstance(chunk, (list, tuple)) or len(chunk) != 2
@@ -216,6 +218,19 @@ def parse(data: bytes) -> Envelope:
             raise ProtocolError(Reason.BAD_CHUNK, "chunk header must be [index, count] with 0 <= index < count")
         chunk = (chunk[0], chunk[1])
     return Envelope(bytes(protected), kid, payload, signature, part, chunk)
+
+
+def label(header: Mapping[Any, Any], key: int) -> Any:
+    """The value of integer label `key` in a COSE header map, or None.
+
+    Not `header.get(key)`: Python's dict treats 1.0 and True as the key 1 (and
+    -65537.0 as -65537). COSE labels are integers or text; a float or boolean key
+    is some other label, which receivers ignore, never the one asked for.
+    """
+    for k, value in header.items():
+        if type(k) is int and k == key:
+            return value
+    return None
 
 
 def verify_signature(env: Envelope, public_key: Ed25519PublicKey, topic: str) -> Manifest:

@@ -41,6 +41,7 @@ class Reason:
     WRONG_JOB = "wrong_job"                # manifest names another job
     WRONG_SENDER = "wrong_sender"          # key of one participant used in another's name/topic
     REPLAY = "replay"                      # sequence number not above the last accepted
+    SEQ_AHEAD = "seq_ahead"                # sequence number too far ahead of the receiver's clock
     DIGEST_MISMATCH = "digest_mismatch"    # body does not hash to the signed SHA-256
     SIZE_MISMATCH = "size_mismatch"        # body length differs from the signed size
     BAD_VERSION = "bad_version"            # unknown protocol version
@@ -49,6 +50,6 @@ class Reason:
     TOO_LARGE = "too_large"                # exceeds a configured element/byte/chunk limit
     NON_FINITE = "non_finite"              # NaN or Inf where finite values are required
     BAD_CHUNK = "bad_chunk"                # chunk index/count inconsistent
-    CHUNK_TIMEOUT = "chunk_timeout"        # reassembly did not complete in time
+    CHUNK_TIMEOUT = "chunk_timeout"        # reassembly did not complete in time (reported by Inbox.expire)
     NOT_ENROLLED = "not_enrolled"          # valid signature, but the sender is not allowed
     BAD_BODY = "bad_body"                  # body does not match the message kind's schema

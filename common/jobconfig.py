@@ -12,6 +12,7 @@ Mosquitto users expect.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -70,6 +71,7 @@ class JobConfig:
     min_samples: int = 1
     eval_data: str | None = None
     target_accuracy: float | None = None  # stop early once reached (None: run all rounds)
+    master_name: str = "master"  # the sender name the master signs as; never the key file's name
 
     @property
     def topics(self) -> Topics:
@@ -93,6 +95,7 @@ class SlaveConfig:
     # uncleanly (the broker sends the will) and reconnecting after 0.5-3 s.
     disconnect_rate: float = 0.0
     seed: int = 0
+    master_name: str = "master"  # the name the pinned master key signs as
 
     @property
     def topics(self) -> Topics:
@@ -103,46 +106,93 @@ class SlaveConfig:
 
 
 class _Table:
-    """Reads one TOML table, remembering which keys were used so leftovers are errors."""
+    """Reads one TOML table, remembering which keys were used so leftovers are errors.
 
-    def __init__(self, data: Any, path: str) -> None:
+    Environment overrides live here, so every section gets them at once: the root
+    table holds the environment, and each section it hands out (`sub`, `raw`) picks
+    its `FEDMQ_SECTION_KEY` variables, which win over the file's values. A variable
+    is read as a TOML value when it parses as one, else as the text itself (and as
+    the text wherever a string is expected, so a numeric password stays a string).
+    Errors about a value that came from a variable name the variable.
+    """
+
+    def __init__(self, data: Any, path: str, *, environ: Mapping[str, str] | None = None,
+                 env: Mapping[str, tuple[str, str]] | None = None) -> None:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a table")
         self.data, self.path, self.used = data, path, set()
+        self.environ = environ  # only on the root: the process environment
+        self.env = dict(env or {})  # this section's overrides: key -> (variable, text)
+
+    def _lookup(self, key: str, want_text: bool) -> tuple[Any, str]:
+        """(value, where it came from) for a key that is set; the environment first."""
+        if key in self.env:
+            var, text = self.env[key]
+            return _env_value(text, want_text), var
+        return self.data[key], f"{self.path}.{key}" if self.path else key
 
     def get(self, key: str, typ: type | tuple[type, ...], default: Any = ..., *, check=None) -> Any:
         self.used.add(key)
-        if key not in self.data:
+        if key not in self.data and key not in self.env:
             if default is ...:
                 raise ConfigError(f"{self.path}.{key}: required")
             return default
-        value = self.data[key]
+        value, where = self._lookup(key, str in _as_tuple(typ))
         ok = isinstance(value, typ) and not (isinstance(value, bool) and bool not in _as_tuple(typ))
         if isinstance(value, int) and not isinstance(value, bool) and float in _as_tuple(typ):
             value, ok = float(value), True
         if not ok:
             names = "/".join(t.__name__ for t in _as_tuple(typ))
-            raise ConfigError(f"{self.path}.{key}: expected {names}, got {value!r}")
+            raise ConfigError(f"{where}: expected {names}, got {value!r}")
         if check is not None and not check(value):
-            raise ConfigError(f"{self.path}.{key}: {value!r} is out of range")
+            raise ConfigError(f"{where}: {value!r} is out of range")
         return value
 
     def sub(self, key: str) -> "_Table":
         self.used.add(key)
-        return _Table(self.data.get(key, {}), f"{self.path}.{key}" if self.path else key)
+        env = _section_env(self.environ, key) if self.environ is not None else {}
+        return _Table(self.data.get(key, {}), f"{self.path}.{key}" if self.path else key, env=env)
 
     def raw(self, key: str) -> dict[str, Any]:
-        self.used.add(key)
-        value = self.data.get(key, {})
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a table")
-        return value
+        """A free-form section (its keys are checked elsewhere), overrides applied."""
+        return self.sub(key).merged()
+
+    def merged(self, text_keys: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The whole table with the overrides applied; `text_keys` expect strings."""
+        out = dict(self.data)
+        for key in self.env:
+            self.used.add(key)
+            out[key] = self._lookup(key, key in text_keys)[0]
+        return out
 
     def done(self) -> None:
         extra = sorted(set(self.data) - self.used)
         if extra:
             where = f"{self.path}.{extra[0]}" if self.path else extra[0]
             raise ConfigError(f"{where}: unknown key")
+        unknown = sorted(set(self.env) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.env[unknown[0]][0]}: unknown key {self.path}.{unknown[0]}")
+
+
+ENV_PREFIX = "FEDMQ_"
+
+
+def _section_env(environ: Mapping[str, str], section: str) -> dict[str, tuple[str, str]]:
+    """key -> (variable, text) of the `FEDMQ_SECTION_KEY` variables of one section."""
+    head = f"{ENV_PREFIX}{section.upper()}_"
+    return {var[len(head):].lower(): (var, text) for var, text in environ.items() if var.startswith(head)}
+
+
+def _env_value(text: str, want_text: bool) -> Any:
+    """A variable's value: a TOML value if it is one (`30`, `true`, `[1, 2]`, `"x"`), else the text."""
+    try:
+        parsed = tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    if set(parsed) != {"v"} or (want_text and not isinstance(parsed["v"], str)):
+        return text  # "1\nw = 2" is not one value; a password "123456" stays text
+    return parsed["v"]
 
 
 def _as_tuple(typ: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -176,20 +226,48 @@ def _path(base: Path, value: str | None) -> Path | None:
 
 def broker_settings(table: _Table, base: Path) -> BrokerConfig:
     """The [broker] table (checked by BrokerConfig); file paths are relative to the config file."""
-    data = {k: (str(_path(base, v)) if k in _FILE_KEYS and isinstance(v, str) else v) for k, v in table.data.items()}
-    return BrokerConfig.from_mapping(data, where="broker")
+    kinds = {f.name: f.type for f in fields(BrokerConfig)} | {"password_file": "str"}
+    for key in sorted(table.env):
+        if key not in kinds:
+            raise ConfigError(f"{table.env[key][0]}: unknown key broker.{key}")
+        # a type error names the variable; the field annotations are strings
+        table.get(key, {"int": int, "bool": bool}.get(kinds[key], str))
+    data = table.merged(frozenset(k for k, kind in kinds.items() if "str" in kind))
+    data = {k: (str(_path(base, v)) if k in _FILE_KEYS and isinstance(v, str) else v) for k, v in data.items()}
+    try:
+        return BrokerConfig.from_mapping(data, where="broker")
+    except ConfigError as exc:
+        if not table.env:
+            raise
+        names = ", ".join(var for var, _ in table.env.values())
+        raise ConfigError(f"{exc} (from the environment: {names})") from None
 
 
 _FILE_KEYS = ("tls_ca", "tls_cert", "tls_key", "password_file")
 
 
-def load_job(path: Path | str) -> JobConfig:
+def tool_broker(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> BrokerConfig:
+    """The broker settings of a command without a config file (`fedmq status`, `monitor`):
+    the `FEDMQ_BROKER_*` variables, overridden by `options` (its command-line flags).
+    Relative paths are relative to the working directory."""
+    table = _Table({}, "", environ=os.environ if environ is None else environ).sub("broker")
+    table.data = dict(options)
+    for key in options:
+        table.env.pop(key, None)
+    for either, other in (("password", "password_file"), ("password_file", "password")):
+        if either in options:
+            table.env.pop(other, None)
+    return broker_settings(table, Path.cwd())
+
+
+def load_job(path: Path | str, environ: Mapping[str, str] | None = None) -> JobConfig:
+    """A job file, with `FEDMQ_SECTION_KEY` overrides from `environ` (default: os.environ)."""
     path = Path(path)
-    return parse_job(_load_toml(path), path.resolve().parent)
+    return parse_job(_load_toml(path), path.resolve().parent, os.environ if environ is None else environ)
 
 
-def parse_job(data: Mapping[str, Any], base: Path) -> JobConfig:
-    root = _Table(dict(data), "")
+def parse_job(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] | None = None) -> JobConfig:
+    root = _Table(dict(data), "", environ=environ or {})
     job = root.sub("job")
     job_id = check_id(job.get("id", str), "job.id")
     prefix = job.get("prefix", str, DEFAULT_PREFIX)
@@ -214,6 +292,8 @@ def parse_job(data: Mapping[str, Any], base: Path) -> JobConfig:
         raise ConfigError("enrollment.keys: required in allowlist mode (a directory of slave NAME.pub files)")
     master = root.sub("master")
     master_key = master.get("key", str)
+    # systemd hands the key over as ".../signing.key": the name cannot come from the file
+    master_name = check_id(master.get("name", str, "master"), "master.name")
     state_dir = master.get("state_dir", str, f"state/{job_id}")
     eval_data = master.get("eval", str, None)
     master.done()
@@ -223,7 +303,7 @@ def parse_job(data: Mapping[str, Any], base: Path) -> JobConfig:
         job=job_id, rounds=rounds, task=task, update=update, model=model, train=train, strategy=strategy,
         policy=policy, enrollment=mode, slave_keys=_path(base, keys), master_key=_path(base, master_key),
         state_dir=_path(base, state_dir), broker=broker, prefix=prefix, chunk_size=chunk_size,
-        min_samples=min_samples, target_accuracy=target,
+        min_samples=min_samples, target_accuracy=target, master_name=master_name,
         # like a slave's data: a file is relative to the job file, not to the working directory
         eval_data=eval_data if eval_data is None or ":" in eval_data else str(_path(base, eval_data)),
     )
@@ -231,18 +311,20 @@ def parse_job(data: Mapping[str, Any], base: Path) -> JobConfig:
     return cfg
 
 
-def load_slave(path: Path | str) -> SlaveConfig:
+def load_slave(path: Path | str, environ: Mapping[str, str] | None = None) -> SlaveConfig:
+    """A slave file, with `FEDMQ_SECTION_KEY` overrides from `environ` (default: os.environ)."""
     path = Path(path)
-    return parse_slave(_load_toml(path), path.resolve().parent)
+    return parse_slave(_load_toml(path), path.resolve().parent, os.environ if environ is None else environ)
 
 
-def parse_slave(data: Mapping[str, Any], base: Path) -> SlaveConfig:
-    root = _Table(dict(data), "")
+def parse_slave(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] | None = None) -> SlaveConfig:
+    root = _Table(dict(data), "", environ=environ or {})
     s = root.sub("slave")
     slave_id = check_id(s.get("id", str), "slave.id")
     job = check_id(s.get("job", str), "slave.job")
     key = s.get("key", str)
     master_key = s.get("master_key", str)
+    master_name = check_id(s.get("master_name", str, "master"), "slave.master_name")
     data_source = s.get("data", str)
     state_dir = s.get("state_dir", str, f"state/{slave_id}")
     tasks = tuple(s.get("tasks", list, []))
@@ -260,7 +342,7 @@ def parse_slave(data: Mapping[str, Any], base: Path) -> SlaveConfig:
     cfg = SlaveConfig(
         slave_id=slave_id, job=job, key=_path(base, key), master_key=_path(base, master_key), data=data_path,
         state_dir=_path(base, state_dir), broker=broker, tasks=tasks, prefix=prefix, update_kinds=kinds,
-        slowdown=slowdown, disconnect_rate=disconnect_rate, seed=seed,
+        slowdown=slowdown, disconnect_rate=disconnect_rate, seed=seed, master_name=master_name,
     )
     cfg.topics
     return cfg

@@ -85,19 +85,35 @@ def load_identity(path: Path | str, name: str | None = None) -> Identity:
     path = Path(path)
     try:
         mode = path.stat().st_mode
+        pem = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"private key {path} does not exist (create one with: fedmq keys generate NAME --dir DIR)") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    except PermissionError:
+        raise ConfigError(f"private key {path}: permission denied (it must be readable by the user running fedmq)") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO) and not _is_systemd_credential(path, mode):
         raise ConfigError(
             f"private key {path} is accessible by group/others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
         )
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path} is not an unencrypted PKCS#8 PEM private key: {exc}") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path} is not an Ed25519 key")
     return Identity(name or path.stem, key)
+
+
+def _is_systemd_credential(path: Path, mode: int) -> bool:
+    """A key systemd handed over with LoadCredential= (in $CREDENTIALS_DIRECTORY).
+
+    systemd writes a credential 0400 and lets the service's user read it through a
+    POSIX ACL entry; `stat` shows the ACL's mask as group bits (0440) although no
+    group can read it. Such a file is private: accept it unless others may read it
+    or a group may write it.
+    """
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    return (bool(directory) and path.absolute().parent == Path(directory).absolute()
+            and not mode & (stat.S_IRWXO | stat.S_IWGRP | stat.S_IXGRP))
 
 
 def load_public_key(path: Path | str) -> Ed25519PublicKey:
@@ -106,6 +122,8 @@ def load_public_key(path: Path | str) -> Ed25519PublicKey:
         key = serialization.load_pem_public_key(path.read_bytes())
     except FileNotFoundError:
         raise ConfigError(f"public key {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"public key {path}: permission denied (make it and its directories readable: chmod 0644/0755)") from None
     except ValueError as exc:
         raise ConfigError(f"{path} is not a PEM public key: {exc}") from None
     if not isinstance(key, Ed25519PublicKey):
@@ -144,4 +162,27 @@ class KeyRing:
         ring = cls()
         for pub in sorted(directory.glob("*.pub")):
             ring.add(pub.stem, load_public_key(pub))
+        return ring
+
+    @classmethod
+    def from_tree(cls, directory: Path | str) -> "KeyRing":
+        """Every NAME.pub below `directory`, in subdirectories too: the documented layout
+        keeps the master's key beside a folder of slave keys (keys/master.pub,
+        keys/slaves/NAME.pub), and a watcher trusts both. Symbolic links to directories
+        are not followed (no loops). Two different keys under one NAME are refused: a
+        message signed by either would be shown as NAME's."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ConfigError(f"key directory {directory} does not exist")
+        ring, seen = cls(), {}
+        for parent, dirs, files in os.walk(directory):
+            dirs.sort()
+            for file in sorted(f for f in files if f.endswith(".pub")):
+                path = Path(parent) / file
+                key = load_public_key(path)
+                name = path.stem
+                if name in seen and key_id(key) != key_id(seen[name][1]):
+                    raise ConfigError(f"{seen[name][0]} and {path} are different keys for one name {name!r}")
+                seen[name] = (path, key)
+                ring.add(name, key)
         return ring

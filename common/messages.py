@@ -9,12 +9,14 @@ and never meet a surprise type; tensors inside are decoded separately, under
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import ProtocolError, Reason
-from .tensors import DEFAULT_LIMITS, Limits, all_finite, decode_state_dict
+
+if TYPE_CHECKING:  # torch only where tensors are decoded: reading a config must not load it
+    import torch
+
+    from .tensors import Limits
 
 INSTRUCTION = "instruction"
 CONFIRM = "confirm"
@@ -31,10 +33,8 @@ UPDATE_KINDS = ("delta", "gradient", "student")
 @dataclass(frozen=True)
 class Kind:
     name: str
-    sender: str  # "master" or "slave"
     topics: tuple[str, ...]  # topic names (see topics.py) it may travel on
     fields: Mapping[str, type | tuple[type, ...]]
-    retained: bool = False
 
 
 _NUM = (int, float)
@@ -42,18 +42,18 @@ _NUM = (int, float)
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in (
-        Kind(INSTRUCTION, "master", ("instruction",), {
+        Kind(INSTRUCTION, ("instruction",), {
             "task": str, "model": dict, "train": dict, "update": str, "requirements": dict, "round_policy": dict,
-        }, retained=True),
-        Kind(CONFIRM, "slave", ("confirm",), {"public_key": bytes, "samples": int, "capabilities": dict}),
-        Kind(DECLINE, "slave", ("confirm",), {"public_key": bytes, "reason": str}),
-        Kind(MODEL, "master", ("model", "to"), {"tensors": dict}, retained=True),
-        Kind(DELTA, "master", ("delta",), {"base_version": int, "tensors": dict}),
-        Kind(ROUND, "master", ("round",), {"participants": list, "deadline": _NUM, "update": str}, retained=True),
-        Kind(UPDATE, "slave", ("update",), {
+        }),
+        Kind(CONFIRM, ("confirm",), {"public_key": bytes, "samples": int, "capabilities": dict}),
+        Kind(DECLINE, ("confirm",), {"public_key": bytes, "reason": str}),
+        Kind(MODEL, ("model", "to"), {"tensors": dict}),
+        Kind(DELTA, ("delta",), {"base_version": int, "tensors": dict}),
+        Kind(ROUND, ("round",), {"participants": list, "deadline": _NUM, "update": str}),
+        Kind(UPDATE, ("update",), {
             "update_id": str, "kind": str, "base_version": int, "samples": int, "metrics": dict, "tensors": dict,
         }),
-        Kind(PRESENCE, "slave", ("presence",), {"state": str, "version": int}, retained=True),
+        Kind(PRESENCE, ("presence",), {"state": str, "version": int}),
     )
 }
 
@@ -76,9 +76,13 @@ def validate(kind: str, topic_name: str, body: Mapping[str, Any]) -> Kind:
     return spec
 
 
-def tensors_of(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS, *, finite: bool = True) -> dict[str, torch.Tensor]:
-    """Decode a body's `tensors` map; reject NaN/Inf where the receiver needs finite values."""
-    tensors = decode_state_dict(body.get("tensors"), limits)
+def tensors_of(body: Mapping[str, Any], limits: Limits | None = None, *,
+               finite: bool = True) -> dict[str, torch.Tensor]:
+    """Decode a body's `tensors` map (under `tensors.DEFAULT_LIMITS` unless `limits`);
+    reject NaN/Inf where the receiver needs finite values."""
+    from .tensors import DEFAULT_LIMITS, all_finite, decode_state_dict
+
+    tensors = decode_state_dict(body.get("tensors"), DEFAULT_LIMITS if limits is None else limits)
     if finite:
         for name, t in tensors.items():
             if t.is_floating_point() and not all_finite(t):

@@ -7,7 +7,8 @@ two threads at once and needs no locks.
 
 Also here: sealing and publishing (retained messages that need several chunks go to
 `TOPIC/chunk/I`, since MQTT retains one message per topic), byte counters measured on
-the payloads, and crash-safe files (atomic replace, fsync'd append-only journal).
+the payloads, crash-safe files (atomic replace, fsync'd append-only journal), and the
+heartbeat file a container health check reads.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from .brokerconfig import BrokerConfig
 from .transport import Inbound, Transport
 
 TICK_SECONDS = 0.25
+HEARTBEAT_FILE = "heartbeat"  # in a daemon's state directory
+HEARTBEAT_SECONDS = 15.0
 
 
 class Shell:
@@ -45,8 +48,10 @@ class Shell:
         log: logging.Logger,
         *,
         manual_ack: bool = False,
+        heartbeat: Path | None = None,
     ) -> None:
         self.sealer = sealer
+        self.heartbeat = heartbeat
         self.inbox = inbox
         self.log = log
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -104,7 +109,7 @@ class Shell:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
         self.transport.start()
-        next_tick = 0.0
+        next_tick = next_beat = 0.0
         while not self._stop.is_set():
             try:
                 kind, value = self.events.get(timeout=TICK_SECONDS)
@@ -114,11 +119,15 @@ class Shell:
             if kind is not None:
                 handle(kind, value, now)
             if now >= next_tick:
-                expired = self.inbox.expire(now)
-                if expired:
-                    self.log.warning("dropped %d incomplete chunked message(s) after the timeout", expired)
+                for gone in self.inbox.expire(now):
+                    self.log.warning("dropped an incomplete %s from %s on %s after the timeout (%d of %d chunks)",
+                                     gone.kind, gone.sender, gone.topic, gone.received, gone.chunks)
+                    handle("expired", gone, now)
                 tick(now)
                 next_tick = now + TICK_SECONDS
+            if self.heartbeat is not None and now >= next_beat and self.transport.connected:
+                touch_heartbeat(self.heartbeat, self.log)
+                next_beat = now + HEARTBEAT_SECONDS
 
     def stop(self) -> None:
         self._stop.set()
@@ -135,6 +144,17 @@ class Shell:
 
 
 # ---------------------------------------------------------------- files
+
+
+def touch_heartbeat(path: Path, log: logging.Logger) -> None:
+    """Mark the daemon alive and connected to its broker (the loop touches the file every
+    HEARTBEAT_SECONDS while connected): a container health check tests the file's age,
+    which costs no MQTT connection and no torch import. Never fatal."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as exc:
+        log.warning("cannot touch the heartbeat file %s: %s", path, exc)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

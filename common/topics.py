@@ -6,7 +6,8 @@
     PREFIX/JOB/round            master, retained: current round announcement (signed)
     PREFIX/JOB/to/SLAVE         master -> one slave: initial parameters, verdicts (signed)
     PREFIX/JOB/status           master, retained: JSON for humans and dashboards
-    PREFIX/JOB/metrics          master: JSON, one message per aggregation
+    PREFIX/JOB/metrics          master, retained: JSON, one message per aggregation
+    PREFIX/JOB/alive            master, retained, also its MQTT will: JSON liveness
     PREFIX/JOB/confirm/SLAVE    slave: accepts or declines the instruction (signed)
     PREFIX/JOB/update/SLAVE     slave: gradients / weight delta / student params (signed)
     PREFIX/JOB/presence/SLAVE   slave, retained, also its MQTT will: online/offline (signed)
@@ -15,8 +16,14 @@ A retained message too large for one publish is split over `TOPIC/chunk/I` (MQTT
 one retained message per topic); it is still signed for TOPIC, and receivers strip
 the suffix before verifying (`split_chunk_topic`).
 
-One slave publishes only below its own id, which is what the broker ACL enforces
-(see broker_cfg/acl). The prefix may contain '/', ids may not.
+One slave publishes only below its own id, which is what the broker ACL enforces.
+`TOPIC_ROLES` says who writes and who reads each topic; the ACL generator
+(fedmq/mosquitto_files.py) derives every rule from it. The prefix may contain '/',
+ids may not.
+
+MQTT client ids (`master_client_id`, `slave_client_id`) are also the broker account
+names: the generated Mosquitto configuration replaces a client's id by its user
+name, so no account can take over another party's session.
 """
 
 from __future__ import annotations
@@ -30,10 +37,59 @@ DEFAULT_PREFIX = "fedmq"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")  # \Z: "$" would let a trailing newline through
 _PREFIX = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*\Z")
 
-MASTER_TOPICS = ("instruction", "model", "delta", "round", "status", "metrics")
-SLAVE_TOPICS = ("confirm", "update", "presence")
+MASTER, SLAVE = "master", "slave"
 DIRECT = "to"
 CHUNK = "chunk"
+
+
+@dataclass(frozen=True)
+class TopicRole:
+    """Who writes and who reads one topic of a job, and how it is published.
+
+    ``per_slave``: one topic per slave, NAME/SLAVE; its slave is the only slave that
+    writes it (slave topics) or reads it (the master's direct topic). ``chunked``: a
+    message too large for one publish goes to NAME/chunk/I (`chunk_topic`), so rights
+    on NAME cover NAME/#. The master reads its own retained topics back: it resubscribes
+    to them to re-assert them when something else overwrote them.
+    """
+
+    name: str
+    writer: str
+    readers: frozenset[str]
+    per_slave: bool = False
+    retained: bool = False
+    chunked: bool = False
+
+
+TOPIC_ROLES: tuple[TopicRole, ...] = (
+    TopicRole("instruction", MASTER, frozenset({MASTER, SLAVE}), retained=True, chunked=True),
+    TopicRole("model", MASTER, frozenset({MASTER, SLAVE}), retained=True, chunked=True),
+    TopicRole("delta", MASTER, frozenset({SLAVE})),
+    TopicRole("round", MASTER, frozenset({MASTER, SLAVE}), retained=True, chunked=True),
+    TopicRole("status", MASTER, frozenset({MASTER, SLAVE}), retained=True),
+    TopicRole("metrics", MASTER, frozenset({MASTER}), retained=True),
+    TopicRole("alive", MASTER, frozenset({MASTER, SLAVE}), retained=True),
+    TopicRole(DIRECT, MASTER, frozenset({SLAVE}), per_slave=True),
+    TopicRole("confirm", SLAVE, frozenset({MASTER}), per_slave=True),
+    TopicRole("update", SLAVE, frozenset({MASTER}), per_slave=True),
+    TopicRole("presence", SLAVE, frozenset({MASTER}), per_slave=True, retained=True),
+)
+
+MASTER_TOPICS = tuple(r.name for r in TOPIC_ROLES if r.writer == MASTER and not r.per_slave)
+SLAVE_TOPICS = tuple(r.name for r in TOPIC_ROLES if r.writer == SLAVE)
+
+
+def master_client_id(job: str) -> str:
+    """The master's MQTT client id, which is also its broker account name."""
+    return f"fedmq-master-{check_id(job, 'job id')}"
+
+
+def slave_client_id(slave_id: str, job: str) -> str:
+    """A slave's MQTT client id and broker account name: one session per device and job.
+
+    '@' never occurs in ids, so no slave's id can collide with another's or the master's.
+    """
+    return f"{check_id(slave_id, 'slave id')}@{check_id(job, 'job id')}"
 
 
 def chunk_topic(topic: str, index: int) -> str:
@@ -45,6 +101,20 @@ def split_chunk_topic(topic: str) -> str:
     head, _, index = topic.rpartition("/")
     base, _, level = head.rpartition("/")
     return base if level == CHUNK and index.isdigit() else topic
+
+
+def every_job(name: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Subscription filter for one master topic of every job under `prefix` (`fedmq status`)."""
+    assert name in MASTER_TOPICS, name
+    return f"{prefix}/+/{name}"
+
+
+def job_of(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str] | None:
+    """(job, master topic name) of a topic `every_job` matches, else None."""
+    rest = topic.removeprefix(prefix + "/").split("/") if topic.startswith(prefix + "/") else []
+    if len(rest) == 2 and _ID.match(rest[0]) and rest[1] in MASTER_TOPICS:
+        return rest[0], rest[1]
+    return None
 
 
 def check_id(value: str, what: str) -> str:

@@ -9,9 +9,13 @@ guarantees is decided here, once:
   is briefly offline and hands them over on reconnect.
 * **Background (re)connection.** `Transport.start` never blocks and never fails
   because the broker is down, including on the first connect: paho's network thread
-  retries with exponential backoff. The backoff bounds are re-drawn at random after
-  every disconnect so that a fleet of devices that lost the broker at the same
-  moment does not hammer it in lock-step when it comes back.
+  retries with exponential backoff (0.2 s doubling up to 30 s). The backoff bounds
+  are re-drawn at random after every lost connection so that a fleet of devices
+  that lost the broker at the same moment does not hammer it in lock-step when it
+  comes back. A connection the broker refuses (wrong password, not authorized,
+  server unavailable) or that never completes the MQTT handshake (not an MQTT
+  port) backs off the same way, and what is wrong is logged at once and then at
+  most every `REPORT_INTERVAL` seconds, with the count of failed attempts.
 * **MQTT v5 by default, 3.1.1 on request.** v5 gives per-message reason codes (a
   publish the ACL refuses is reported instead of silently dropped), a client-chosen
   session expiry, and the broker's maximum packet size. ``protocol = "3.1.1"`` (a
@@ -53,7 +57,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from fedmq.common.brokerconfig import BrokerConfig
 from fedmq.common.errors import ConfigError
 
-__all__ = ["Inbound", "Transport"]
+__all__ = ["FailureReport", "Inbound", "Transport"]
 
 # Reconnect backoff bounds (seconds). Paho doubles the delay from the lower bound
 # up to the upper one; both are drawn from these ranges after every disconnect.
@@ -61,6 +65,10 @@ _BACKOFF_MIN = (0.2, 0.6)
 _BACKOFF_MAX = (15.0, 30.0)
 
 _CONNACK_UNSUPPORTED_PROTOCOL = 132  # MQTT v5 reason code "Unsupported protocol version"
+_KEEPALIVE_TIMEOUT = 141  # what paho reports when it gave up waiting (here: for the CONNACK)
+
+#: The same connection failure is logged at most once per this many seconds.
+REPORT_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,9 @@ class Transport:
         # anything published next; what `connected` and `wait_connected` report.
         self._connected = threading.Event()
         self._broker_max_packet: int | None = None
-        self._last_connect_error: str | None = None
+        self._last_error: str | None = None  # why the last attempt to connect failed
+        self._refused = False  # this attempt got a refusing CONNACK (reported already)
+        self._failures = FailureReport(REPORT_INTERVAL)
         self._state = "new"  # -> "started" -> "stopped"
         self._client = self._new_client()
 
@@ -132,6 +142,12 @@ class Transport:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last attempt to connect failed (e.g. "broker 10.0.0.2:1883 refused the
+        connection of 'fedmq-monitor': Not authorized"), or None once connected."""
+        return self._last_error
 
     @property
     def protocol(self) -> str:
@@ -344,8 +360,9 @@ class Transport:
         if reason.is_failure:
             hint = (' (it speaks MQTT 3.1.1 only: set protocol = "3.1.1" in [broker])'
                     if reason.value == _CONNACK_UNSUPPORTED_PROTOCOL else "")
-            self._log.error("broker %s:%d refused the connection of %r: %s%s",
-                            cfg.host, cfg.port, self._client_id, reason, hint)
+            self._refused = True
+            self._report_failure(logging.ERROR, f"broker {cfg.host}:{cfg.port} refused the connection of "
+                                                f"{self._client_id!r}: {reason}{hint}")
             return
         max_packet = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         with self._lock:
@@ -357,7 +374,8 @@ class Transport:
                 self._session_filters.clear()
             held = set(self._session_filters)
             self._online = True
-        self._last_connect_error = None
+        self._last_error = None
+        self._failures.clear()
         self._log.info("connected to broker %s:%d as %r (MQTT %s, session %s)", cfg.host, cfg.port,
                        self._client_id, self.protocol, "resumed" if flags.session_present else "new")
         # A resumed MQTT 3.1.1 session still has the subscriptions it was sent, and
@@ -378,22 +396,40 @@ class Transport:
         # paho calls this from inside its `except OSError`, so the cause is at hand.
         exc = sys.exc_info()[1]
         error = str(exc) if exc is not None else "connection failed"
-        level = logging.DEBUG if error == self._last_connect_error else logging.WARNING
-        self._last_connect_error = error
-        self._log.log(level, "cannot reach broker %s:%d: %s; retrying", self._cfg.host, self._cfg.port, error)
+        self._report_failure(logging.WARNING, f"cannot reach broker {self._cfg.host}:{self._cfg.port}: {error}")
+
+    def _report_failure(self, level: int, message: str) -> None:
+        """Log a failed attempt to connect: at once if new, else at most every REPORT_INTERVAL."""
+        self._last_error = message
+        failed = self._failures.due(message, time.monotonic())
+        if failed is None:
+            self._log.debug("%s; retrying", message)
+        else:
+            again = f" ({failed} attempts failed like this since the last report)" if failed > 1 else ""
+            self._log.log(level, "%s; retrying with backoff%s", message, again)
 
     def _handle_disconnect(self, client: mqtt.Client, _userdata: Any, _flags: Any,
                            reason: ReasonCode, _properties: Properties | None) -> None:
-        low, high = _jittered_backoff()
         with self._lock:
             pause, self._next_pause = self._next_pause, None
+            self._online = False
+        if not self._connected.is_set():
+            # An attempt the broker never accepted. paho's delay keeps doubling as long
+            # as no attempt succeeds; re-drawing the bounds here would reset it, and a
+            # wrong password would retry every 0.2-0.6 s for ever.
+            refused, self._refused = self._refused, False
+            if not refused and self._state != "stopped":  # a refusal was reported with its reason
+                cfg = self._cfg
+                what = ("no CONNACK within the keepalive" if reason.value == _KEEPALIVE_TIMEOUT
+                        else "it closed the connection")
+                self._report_failure(logging.WARNING, (
+                    f"no MQTT handshake with {cfg.host}:{cfg.port} ({what}): "
+                    f"is it an MQTT {'TLS ' if cfg.uses_tls else ''}listener?"))
+            return
+        low, high = _jittered_backoff()
         if pause is not None:  # after `drop`: come back after that pause
             low, high = pause, max(pause, high)
         client.reconnect_delay_set(low, high)
-        with self._lock:
-            self._online = False
-        if not self._connected.is_set():
-            return  # a refused CONNECT, already logged
         self._connected.clear()
         if self._state == "stopped":
             self._log.info("disconnected from broker")
@@ -431,6 +467,32 @@ class Transport:
             callback(*args)
         except Exception:
             self._log.exception("%s callback of %r failed", name, self._client_id)
+
+
+class FailureReport:
+    """When to log a repeated connection failure: the first of a kind at once, the same
+    one again at most every `interval` seconds (with the count of failures since), a
+    different one at once. A broker that stays wrong is reported again and again, and a
+    device retrying for days does not fill its disk. Pure: the clock comes in."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: tuple[str, float] | None = None  # message, when it was logged
+        self._count = 0  # failures since then
+
+    def due(self, message: str, now: float) -> int | None:
+        """None to stay quiet; else log now: the number of failures this report covers."""
+        self._count += 1
+        if self._last is not None and self._last[0] == message and now - self._last[1] < self.interval:
+            return None
+        if self._last is not None and self._last[0] != message:
+            self._count = 1
+        self._last, count, self._count = (message, now), self._count, 0
+        return count
+
+    def clear(self) -> None:
+        """Connected: the next failure is news."""
+        self._last, self._count = None, 0
 
 
 def _configure_tls(client: mqtt.Client, cfg: BrokerConfig) -> None:

@@ -11,6 +11,11 @@ one, or an existing `--broker`), keys, configs and a report, all in one director
     DIR/state/       checkpoint, journal and slave state files
     DIR/split.npz    the data split (row indices), so another system can rerun it exactly
     DIR/report.json  per-round accuracy, bytes and seconds; final accuracy; which broker
+                     (rewritten, atomically, after every round: watch it grow)
+    DIR/accuracy.png accuracy per round and per byte sent (with the [plot] extra)
+
+The processes run the installed fedmq whatever the working directory: a folder
+named `fedmq` in it (a clone, say) must not shadow the package.
 """
 
 from __future__ import annotations
@@ -26,13 +31,21 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from fedmq.broker import BrokerHandle, start_broker
-from fedmq.common.errors import ConfigError
 from fedmq.common.keys import Identity, write_identity
+from fedmq.common.shell import write_atomic
 from fedmq.common.topics import Topics
 from fedmq.common.brokerconfig import BrokerConfig
 from fedmq.common.transport import Inbound, Transport
 
 JOB = "digits"
+REPORT = "report.json"
+PICTURE = "accuracy.png"
+
+# `python -m fedmq` puts the working directory first on sys.path, where a folder named
+# fedmq (a clone, a checkout's parent) would be imported as a namespace package in
+# place of the installed one. -P (Python 3.11+) leaves it out; the children also run
+# in the fleet's own directory, which holds no such folder.
+_PYTHON = [sys.executable, "-P"] if sys.version_info >= (3, 11) else [sys.executable]
 
 
 @dataclass
@@ -40,7 +53,7 @@ class DemoOptions:
     slaves: int = 8
     rounds: int = 30
     report: Path = Path("demo-report")
-    broker: str | None = None  # HOST:PORT of an existing broker
+    broker: tuple[str, int] | None = None  # (host, port) of an existing broker
     broker_kind: str = "auto"  # what to start otherwise: auto | mosquitto | embedded
     update: str = "delta"
     strategy: str = "fedavg"
@@ -135,8 +148,8 @@ class LocalFleet:
         kind = "master" if name == "master" else "slave"
         log = open(self.root / "logs" / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "fedmq", kind, "run", "--config", str(self.configs[name])],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [*_PYTHON, "-m", "fedmq", kind, "run", "--config", str(self.configs[name])],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
         log.close()
         return self.procs[name]
 
@@ -197,15 +210,23 @@ class Watcher:
         self.transport.stop()
 
 
-def run_demo(opts: DemoOptions, on_row: Callable[[dict[str, Any]], None] = lambda row: None) -> DemoResult:
+def watch_command(settings: Mapping[str, Any]) -> str:
+    """The mosquitto_sub line that shows the demo's traffic as it runs."""
+    host = "" if settings["host"] in ("127.0.0.1", "localhost") else f"-h {settings['host']} "
+    user = f"-u {settings['username']} " if settings.get("username") else ""
+    return f"mosquitto_sub {host}-p {settings['port']} {user}-t 'fedmq/#' -v"
+
+
+def run_demo(opts: DemoOptions, on_row: Callable[[dict[str, Any]], None] = lambda row: None,
+             on_start: Callable[[dict[str, Any]], None] = lambda broker: None) -> DemoResult:
+    """Run the demo; `on_start` gets the broker (kind, host, port, watch command) before
+    training starts, `on_row` each round's metrics. DIR/report.json is rewritten after
+    every round and at the end."""
     root = opts.report.resolve()
     result = DemoResult()
     broker: BrokerHandle | None = None
     if opts.broker:
-        host, _, port_text = opts.broker.rpartition(":")
-        if not host or not port_text.isdigit():
-            raise ConfigError(f"--broker {opts.broker!r}: expected HOST:PORT")
-        settings: dict[str, Any] = {"host": host, "port": int(port_text)}
+        settings: dict[str, Any] = {"host": opts.broker[0], "port": opts.broker[1]}
         result.broker = {"kind": "external", **settings}
     else:
         broker = start_broker(opts.broker_kind, data_dir=root / "broker")
@@ -216,7 +237,15 @@ def run_demo(opts: DemoOptions, on_row: Callable[[dict[str, Any]], None] = lambd
     try:
         fleet = LocalFleet(root, settings, slaves=opts.slaves, rounds=opts.rounds, job={
             "job": {"update": opts.update}, "strategy": {"name": opts.strategy}, "rounds": {"deadline": opts.deadline}})
-        watcher = Watcher(settings, on_row)
+        on_start({**result.broker, "watch": watch_command(settings)})
+
+        def row_arrived(row: dict[str, Any]) -> None:
+            result.rows, result.status = list(watcher.rows), watcher.status
+            result.seconds = round(time.monotonic() - start, 2)
+            write_report(root / REPORT, opts, result)
+            on_row(row)
+
+        watcher = Watcher(settings, row_arrived)
         fleet.start_all()
         try:
             result.master_exit = fleet.procs["master"].wait(timeout=opts.timeout)
@@ -231,7 +260,7 @@ def run_demo(opts: DemoOptions, on_row: Callable[[dict[str, Any]], None] = lambd
         if broker is not None:
             broker.stop()
     result.seconds = round(time.monotonic() - start, 2)
-    write_report(root / "report.json", opts, result)
+    write_report(root / REPORT, opts, result)
     return result
 
 
@@ -257,5 +286,42 @@ def write_report(path: Path, opts: DemoOptions, result: DemoResult) -> dict[str,
         "bytes_up": sum(r["bytes_up"] or 0 for r in rows), "bytes_down": sum(r["bytes_down"] or 0 for r in rows),
         "rejected": result.status.get("rejected", {}),
     }
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(path, (json.dumps(report, indent=2) + "\n").encode())
     return report
+
+
+def draw_report(report: Mapping[str, Any], path: Path) -> Path | None:
+    """Accuracy per round, and per cumulative byte (up + down), as a PNG; None without
+    matplotlib (the [plot] extra). The right-hand panel is the one that compares
+    update encodings: the same accuracy for fewer bytes."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        return None
+    rows = [r for r in report["rounds"] if r.get("accuracy") is not None]
+    rounds = [r["round"] for r in rows]
+    accuracy = [r["accuracy"] for r in rows]
+    sent, total = [], 0
+    for r in rows:
+        total += (r.get("bytes_up") or 0) + (r.get("bytes_down") or 0)
+        sent.append(total / 1e6)
+    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    title = (f"fedmq demo: {report['slaves']} slaves, {report['update']} updates, {report['strategy']}, "
+             f"broker {report['broker'].get('kind')}")
+    fig.suptitle(title)
+    by_round.plot(rounds, accuracy, marker="o", markersize=3)
+    by_round.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1))
+    by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
+    by_bytes.plot(sent, accuracy, marker="o", markersize=3, color="tab:orange")
+    by_bytes.set(xlabel="MB sent, up + down (cumulative)")
+    for ax in (by_round, by_bytes):
+        ax.grid(True, alpha=0.3)
+        ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -23,15 +23,19 @@ import torch
 
 from fedmq.common import messages as M
 from fedmq.common.channel import Inbox, Sealer, initial_seq
-from fedmq.common.effects import Ack, Checkpoint, Effect, Finish, Journal, Log, Publish, PublishJson, Trust
+from fedmq.common.effects import (MASTER_EFFECTS, Ack, Checkpoint, Effect, Finish, Interpreter, Journal, Log, Publish,
+                                  PublishJson, Trust)
 from fedmq.common.errors import ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.keys import KeyRing, load_identity, public_key_from_raw
 from fedmq.common.modelspec import build_model
-from fedmq.common.shell import GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
+from fedmq.common.shell import HEARTBEAT_FILE, GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
+from fedmq.common.topics import master_client_id
 from fedmq.common.workload import evaluate, load_local_data
 
-from .core import MasterCore, make_job_strategy
+from .core import MasterCore
+from .job import make_job_strategy
+from .prometheus import PrometheusExporter
 
 CHECKPOINT = "checkpoint.cbor"
 JOURNAL = "journal.cbor"
@@ -52,18 +56,19 @@ def _evaluator(cfg: JobConfig):
 
 
 class MasterDaemon:
-    def __init__(self, cfg: JobConfig, log: logging.Logger | None = None, *, threads: int = 1) -> None:
+    def __init__(self, cfg: JobConfig, log: logging.Logger | None = None, *, threads: int = 1,
+                 metrics_port: int | None = None) -> None:
         self.cfg = cfg
         self.log = log or logging.getLogger("fedmq.master")
         torch.set_num_threads(threads)
-        identity = load_identity(cfg.master_key)
+        identity = load_identity(cfg.master_key, name=cfg.master_name)
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         ring = KeyRing.from_dir(cfg.slave_keys) if cfg.enrollment == "allowlist" else KeyRing()
         if cfg.enrollment == "open":
             self.log.warning("enrollment mode 'open': any key that confirms is trusted (demos only)")
         model = build_model(cfg.model)
-        self.core = MasterCore(cfg, model, make_job_strategy(cfg), evaluate=_evaluator(cfg))
+        self.core = MasterCore(cfg, model, make_job_strategy(cfg), evaluate=_evaluator(cfg), timer=time.perf_counter)
         inbox = Inbox(ring, cfg.job, self_signed=M.SELF_SIGNED_KINDS)
         checkpoint = read_cbor_file(self.state_dir / CHECKPOINT)
         if checkpoint is not None:
@@ -82,12 +87,22 @@ class MasterDaemon:
             replayed += 1
         if replayed:
             self.log.info("journal: %d record(s) re-admitted for version %d", replayed, self.core.version)
-        self.shell = Shell(cfg.broker, f"fedmq-master-{cfg.job}", sealer, inbox, self.log, manual_ack=True)
+        self.shell = Shell(cfg.broker, master_client_id(cfg.job), sealer, inbox, self.log, manual_ack=True,
+                           heartbeat=self.state_dir / HEARTBEAT_FILE)
         topics = cfg.topics
         for name in ("confirm", "update", "presence"):
             self.shell.transport.subscribe(topics.slaves(name), qos=1)
         self.finished: str | None = None
         self.acks = GroupCommit(self.journal, self.shell.transport.ack)
+        # Last, once nothing else can fail: Prometheus /metrics on 127.0.0.1:metrics_port,
+        # fed with every status and metrics JSON the daemon publishes
+        self.exporter: PrometheusExporter | None = None
+        if metrics_port is not None:
+            self.exporter = PrometheusExporter(cfg.job)
+            self.exporter.start(metrics_port)
+            self.log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", metrics_port)
+        self._now = 0.0
+        self._interpret = self._interpreter()
 
     def run(self) -> str | None:
         """Serve until the job finishes (returns why) or a signal stops the daemon (None)."""
@@ -98,6 +113,8 @@ class MasterDaemon:
             self.acks.commit()
             self.shell.close()
             self.journal.close()
+            if self.exporter is not None:
+                self.exporter.close()
         return self.finished
 
     def tick(self, now: float) -> None:
@@ -107,6 +124,9 @@ class MasterDaemon:
     def handle(self, kind: str, value: Any, now: float) -> None:
         if kind == "msg":
             self._handle_message(value, now)
+        elif kind == "expired":
+            self.apply(self.core.on_rejected(Reason.CHUNK_TIMEOUT, value.sender, now,
+                                             f"{value.kind} seq {value.seq}: {value.received}/{value.chunks} chunks"), now)
         if self.acks.due(time.monotonic(), idle=self.shell.events.empty()):
             self.acks.commit()
 
@@ -132,25 +152,37 @@ class MasterDaemon:
         self.apply(self.core.on_message(received, now, token=value), now)
 
     def apply(self, effects: list[Effect], now: float) -> None:
-        for fx in effects:
-            if isinstance(fx, Publish):
-                self.shell.publish(fx, now)
-            elif isinstance(fx, PublishJson):
-                self.shell.publish_json(fx)
-            elif isinstance(fx, Journal):
-                self.journal.append(fx.record, fx.raw_body)
-            elif isinstance(fx, Ack):
-                self.acks.ack(fx.token, time.monotonic())
-            elif isinstance(fx, Checkpoint):
-                self.acks.commit()  # the checkpoint truncates the journal: ack what it held first
-                state = {**fx.state, "replay": self.shell.inbox.export_replay_state(), "seq": self.shell.sealer.next_seq}
-                write_atomic(self.state_dir / CHECKPOINT, cbor2.dumps(state))
-                self.journal.truncate()
-            elif isinstance(fx, Trust):
-                self.shell.inbox.keyring.add(fx.name, public_key_from_raw(fx.public_key))
-            elif isinstance(fx, Log):
-                self.shell.log_effect(fx)
-            elif isinstance(fx, Finish):
-                self.finished = fx.reason
-                self.log.info("job %s finished: %s", self.cfg.job, fx.reason)
-                self.shell.stop()
+        self._now = now
+        self._interpret(effects)
+
+    def _checkpoint(self, fx: Checkpoint) -> None:
+        self.acks.commit()  # the checkpoint truncates the journal: ack what it held first
+        state = {**fx.state, "replay": self.shell.inbox.export_replay_state(), "seq": self.shell.sealer.next_seq}
+        write_atomic(self.state_dir / CHECKPOINT, cbor2.dumps(state))
+        self.journal.truncate()
+
+    def _finish(self, fx: Finish) -> None:
+        self.finished = fx.reason
+        self.log.info("job %s finished: %s", self.cfg.job, fx.reason)
+        self.shell.stop()
+
+    def _publish_json(self, fx: PublishJson) -> None:
+        self.shell.publish_json(fx)
+        if self.exporter is not None:
+            name = self.cfg.topics.parse(fx.topic)
+            if name == ("status", None):
+                self.exporter.on_status(fx.data)
+            elif name == ("metrics", None):
+                self.exporter.on_metrics(fx.data)
+
+    def _interpreter(self) -> Interpreter:
+        return Interpreter({
+            Publish: lambda fx: self.shell.publish(fx, self._now),
+            PublishJson: self._publish_json,
+            Journal: lambda fx: self.journal.append(fx.record, fx.raw_body),
+            Ack: lambda fx: self.acks.ack(fx.token, time.monotonic()),
+            Checkpoint: self._checkpoint,
+            Trust: lambda fx: self.shell.inbox.keyring.add(fx.name, public_key_from_raw(fx.public_key)),
+            Log: self.shell.log_effect,
+            Finish: self._finish,
+        }, covers=MASTER_EFFECTS)

@@ -39,7 +39,6 @@ class RoundInfo:
     version: int
     participants: list[str]
     deadline: float
-    update: str
 
 
 @dataclass
@@ -91,8 +90,7 @@ class SlaveCore:
             return self._on_model(msg, now)
         if msg.kind == M.ROUND:
             b = msg.body
-            self.round = RoundInfo(msg.manifest.round, msg.manifest.version, list(b["participants"]),
-                                   float(b["deadline"]), b["update"])
+            self.round = RoundInfo(msg.manifest.round, msg.manifest.version, list(b["participants"]), float(b["deadline"]))
             return self._resend_pending() + self._maybe_train(now)
         return [Log("warning", f"ignoring {msg.kind} message")]
 
@@ -224,7 +222,7 @@ def run_training(instruction: Mapping[str, Any], params: Params, dataset: Datase
     t = instruction["train"]
     kind = instruction["update"]
     if kind == "student":
-        student = build_model(instruction.get("student_model", instruction["model"]))
+        student = build_model(instruction["model"])  # the instruction declares no other architecture yet
         return distill_local(model, student, dataset, epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
                              momentum=t["momentum"], weight_decay=t["weight_decay"],
                              temperature=t["temperature"], alpha=t["alpha"], seed=seed)

@@ -28,11 +28,12 @@ import torch
 
 from fedmq.common import messages as M
 from fedmq.common.channel import Inbox, Sealer, initial_seq
-from fedmq.common.effects import Effect, Log, Publish, SaveState, Subscribe, Train
+from fedmq.common.effects import SLAVE_EFFECTS, Effect, Interpreter, Log, Publish, SaveState, Subscribe, Train
 from fedmq.common.errors import ProtocolError
 from fedmq.common.jobconfig import SlaveConfig
 from fedmq.common.keys import KeyRing, load_identity, load_public_key, raw_public_bytes
-from fedmq.common.shell import Shell, read_cbor_file, write_atomic
+from fedmq.common.shell import HEARTBEAT_FILE, Shell, read_cbor_file, write_atomic
+from fedmq.common.topics import slave_client_id
 from fedmq.common.workload import load_local_data
 
 from .core import SlaveCore, run_training
@@ -51,19 +52,22 @@ class SlaveDaemon:
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
         identity = load_identity(cfg.key, name=cfg.slave_id)
         ring = KeyRing()
-        ring.add(cfg.master_key.stem, load_public_key(cfg.master_key))
+        ring.add(cfg.master_name, load_public_key(cfg.master_key))
         self.dataset = load_local_data(cfg.data)
         self.state_path = cfg.state_dir / STATE
         self.saved = read_cbor_file(self.state_path) or {}
         sealer = Sealer(identity, cfg.job, seq=initial_seq(time.time(), self.saved.get("seq", 0)))
         capabilities = {"update": list(cfg.update_kinds), "torch": torch.__version__, "machine": platform.machine()}
         self.core = SlaveCore(cfg, raw_public_bytes(identity.public_key), len(self.dataset), capabilities)
-        self.shell = Shell(cfg.broker, cfg.slave_id, sealer, Inbox(ring, cfg.job), self.log)
+        self.shell = Shell(cfg.broker, slave_client_id(cfg.slave_id, cfg.job), sealer, Inbox(ring, cfg.job), self.log,
+                           heartbeat=cfg.state_dir / HEARTBEAT_FILE)
         self.presence_topic = cfg.topics.slave("presence", cfg.slave_id)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
         self._online: bytes = b""
         self._arm_presence()
         self._chaos = random.Random()  # used on the worker thread only
+        self._now = 0.0
+        self._interpret = self._interpreter()
 
     def _arm_presence(self) -> None:
         """Seal the next connection's "online" and then its "offline" will, and register the will.
@@ -113,24 +117,27 @@ class SlaveDaemon:
             self.apply(self.core.on_training_failed(rnd, error), now)
 
     def apply(self, effects: list[Effect], now: float) -> None:
-        for fx in effects:
-            if isinstance(fx, Publish):
-                self.shell.publish(fx, now)
-            elif isinstance(fx, Subscribe):
-                # Retained, possibly chunked. `bootstrap`: a restarted slave resumes its
-                # session, which already has these subscriptions, so the broker would not
-                # resend the retained instruction, model and round -- which this process,
-                # unlike the session, has never seen.
-                retained = fx.topic.endswith(("/model", "/instruction", "/round"))
-                self.shell.transport.subscribe(fx.topic, fx.qos, bootstrap=retained)
-                if retained:
-                    self.shell.transport.subscribe(fx.topic + "/chunk/+", fx.qos, bootstrap=True)
-            elif isinstance(fx, SaveState):
-                self.save(fx.state)
-            elif isinstance(fx, Train):
-                self.worker.submit(self._train, fx)
-            elif isinstance(fx, Log):
-                self.shell.log_effect(fx)
+        self._now = now
+        self._interpret(effects)
+
+    def _subscribe(self, fx: Subscribe) -> None:
+        # Retained, possibly chunked. `bootstrap`: a restarted slave resumes its session,
+        # which already has these subscriptions, so the broker would not resend the
+        # retained instruction, model and round -- which this process, unlike the
+        # session, has never seen.
+        retained = fx.topic.endswith(("/model", "/instruction", "/round"))
+        self.shell.transport.subscribe(fx.topic, fx.qos, bootstrap=retained)
+        if retained:
+            self.shell.transport.subscribe(fx.topic + "/chunk/+", fx.qos, bootstrap=True)
+
+    def _interpreter(self) -> Interpreter:
+        return Interpreter({
+            Publish: lambda fx: self.shell.publish(fx, self._now),
+            Subscribe: self._subscribe,
+            SaveState: lambda fx: self.save(fx.state),
+            Train: lambda fx: self.worker.submit(self._train, fx),
+            Log: self.shell.log_effect,
+        }, covers=SLAVE_EFFECTS)
 
     def save(self, state: dict[str, Any] | None = None) -> None:
         state = {**(state or self.core.state()), "seq": self.shell.sealer.next_seq}

@@ -20,7 +20,7 @@ from fedmq.common.jobconfig import parse_job
 from fedmq.common.keys import Identity, public_pem, raw_public_bytes
 from fedmq.common.tensors import encode_quantized, encode_sparse, encode_state_dict
 from fedmq.common.topics import Topics
-from fedmq.master.core import instruction_body
+from fedmq.master.job import instruction_body
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "vectors"
 NOW = 1_790_000_000.0  # fixed clock

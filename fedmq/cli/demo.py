@@ -2,45 +2,58 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
 from .errors import user_errors
+from .options import HOST_PORT
 
 
 @click.command()
 @click.option("--slaves", type=click.IntRange(1, 64), default=8, show_default=True, help="Slave processes.")
 @click.option("--rounds", type=click.IntRange(1, 1000), default=30, show_default=True)
-@click.option("--broker", metavar="HOST:PORT", help="Use this broker instead of starting one.")
+@click.option("--broker", type=HOST_PORT, metavar="HOST:PORT", help="Use this broker instead of starting one.")
 @click.option("--broker-kind", type=click.Choice(["auto", "mosquitto", "embedded"]), default="auto",
               show_default=True, help="Broker to start: auto = Mosquitto if installed, else embedded (amqtt).")
 @click.option("--report", "report", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-report"),
-              show_default=True, help="Directory for report.json, keys, configs, logs and state.")
+              show_default=True, help="Directory for report.json, accuracy.png, keys, configs, logs and state.")
 @click.option("--update", type=click.Choice(["delta", "gradient"]), default="delta", show_default=True,
               help="What slaves send back.")
 @click.option("--strategy", type=click.Choice(["fedavg", "fedavgm", "fedadam", "fedyogi"]), default="fedavg",
               show_default=True)
 @user_errors
-def demo(slaves: int, rounds: int, broker: str | None, broker_kind: str, report: Path, update: str,
+def demo(slaves: int, rounds: int, broker: tuple[str, int] | None, broker_kind: str, report: Path, update: str,
          strategy: str) -> None:
     """Federated training of the reference workload (sklearn digits, MLP) with real processes.
 
     Starts a broker (Mosquitto if installed, else the embedded one), one master and
     SLAVES slave processes that each hold a private non-IID shard, and trains ROUNDS
-    rounds of FedAvg. Watch it live with: mosquitto_sub -t 'fedmq/#' -v
+    rounds of FedAvg. It prints the mosquitto_sub command that shows the traffic live;
+    REPORT/report.json is rewritten after every round, and REPORT/accuracy.png drawn
+    at the end (with the [plot] extra).
     """
-    from fedmq.demo import DemoOptions, run_demo
+    from fedmq.demo import PICTURE, REPORT, DemoOptions, draw_report, run_demo  # torch: only when running
 
     opts = DemoOptions(slaves=slaves, rounds=rounds, report=report, broker=broker, broker_kind=broker_kind,
                        update=update, strategy=strategy)
     click.echo(f"fedmq demo: {slaves} slaves, {rounds} rounds, report in {report}/ (logs in {report}/logs/)")
-    with click.progressbar(length=rounds, label="training", show_pos=True,
-                           item_show_func=lambda r: f"acc {r['accuracy']:.3f}" if r else "") as bar:
-        result = run_demo(opts, on_row=lambda row: bar.update(1, row))
-    data = json.loads((report / "report.json").read_text())
-    click.echo(f"\nbroker: {data['broker']['kind']} on {data['broker']['host']}:{data['broker']['port']}")
+
+    with contextlib.ExitStack() as stack:
+        bars = []
+
+        def started(info: dict[str, Any]) -> None:  # the broker is up; training starts next
+            click.echo(f"broker: {info['kind']} on {info['host']}:{info['port']}")
+            click.echo(f"watch it live: {info['watch']}")
+            bars.append(stack.enter_context(click.progressbar(
+                length=rounds, label="training", show_pos=True,
+                item_show_func=lambda r: f"acc {r['accuracy']:.3f}" if r else "")))
+
+        result = run_demo(opts, on_row=lambda row: bars[0].update(1, row), on_start=started)
+    data = json.loads((report / REPORT).read_text())
     click.echo(f"{'round':>5} {'version':>7} {'accuracy':>9} {'bytes_up':>10} {'bytes_down':>11} {'seconds':>8}")
     for r in data["rounds"]:
         click.echo(f"{r['round']:>5} {r['version']:>7} {r['accuracy']:>9.4f} {r['bytes_up']:>10} "
@@ -48,6 +61,8 @@ def demo(slaves: int, rounds: int, broker: str | None, broker_kind: str, report:
     final = data["final_accuracy"]
     click.echo(f"final accuracy {final if final is None else round(final, 4)}; "
                f"seconds to 0.90: {data['seconds_to_090']}; wall time {data['wall_seconds']} s")
+    picture = draw_report(data, report / PICTURE) if data["rounds"] else None
+    click.echo(f"picture: {picture}" if picture else "no picture: pip install 'fedmq[plot]' for matplotlib")
     if result.master_exit != 0 or len(data["rounds"]) < rounds:
         click.echo(f"fedmq: error: the job did not complete (master exit {result.master_exit}); "
                    f"see {report}/logs/", err=True)

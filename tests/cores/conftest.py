@@ -15,13 +15,15 @@ import pytest
 
 from fedmq.common import messages as M
 from fedmq.common.channel import Inbox, Sealer
-from fedmq.common.effects import Finish, Publish, PublishJson, Subscribe, Train, Trust
+from fedmq.common.effects import (Ack, Checkpoint, Finish, Interpreter, Journal, Log, Publish, PublishJson,
+                                  SaveState, Subscribe, Train, Trust)
 from fedmq.common.errors import ProtocolError
 from fedmq.common.brokerconfig import BrokerConfig
 from fedmq.common.jobconfig import JobConfig, RoundPolicy, SlaveConfig, TrainSettings
 from fedmq.common.keys import Identity, KeyRing, public_key_from_raw, raw_public_bytes
 from fedmq.common.modelspec import build_model
-from fedmq.master.core import MasterCore, make_job_strategy
+from fedmq.master.core import MasterCore
+from fedmq.master.job import make_job_strategy
 from fedmq.slave.core import SlaveCore, run_training
 
 
@@ -71,30 +73,41 @@ class Bus:
         self.effects[node.name] = []
 
     def run(self, name: str, effects: list[Any]) -> None:
-        node = self.nodes[name]
         self.effects[name].extend(effects)
-        for fx in effects:
-            if isinstance(fx, Publish):
-                payloads = node.sealer.seal(fx.topic, fx.kind, fx.body, now=self.now, version=fx.version, round=fx.round)
-                if fx.retain:
-                    self.retained[fx.topic] = payloads
-                self.queue.append((fx.topic, payloads, False))
-            elif isinstance(fx, PublishJson):
-                self.json[fx.topic] = fx.data
-            elif isinstance(fx, Subscribe):
-                node.subs.append(fx.topic)
-                for topic, payloads in list(self.retained.items()):
-                    if topic_matches(fx.topic, topic):
-                        self.queue.append((topic, payloads, name))
-            elif isinstance(fx, Train) and name not in self.silent:
-                if self.train_time is None:
-                    self.finish_training(name, fx)
-                else:
-                    heapq.heappush(self._training, (self.now + self.train_time[name], id(fx), name, fx))
-            elif isinstance(fx, Trust):
-                node.inbox.keyring.add(fx.name, public_key_from_raw(fx.public_key))
-            elif isinstance(fx, Finish):
-                self.finished = True
+        self._interpreter(name)(effects)
+
+    def _interpreter(self, name: str) -> Interpreter:
+        """Effects carried out as the daemons do; those a daemon keeps to itself (logs,
+        acks, files) are recorded in `effects` only."""
+        node = self.nodes[name]
+        return Interpreter({
+            Publish: lambda fx: self._publish(node, fx),
+            PublishJson: lambda fx: self.json.__setitem__(fx.topic, fx.data),
+            Subscribe: lambda fx: self._subscribe(node, fx),
+            Train: lambda fx: self._train(node, fx),
+            Trust: lambda fx: node.inbox.keyring.add(fx.name, public_key_from_raw(fx.public_key)),
+            Finish: lambda fx: setattr(self, "finished", True),
+        }, ignore={Log, Ack, Journal, Checkpoint, SaveState})
+
+    def _publish(self, node: Node, fx: Publish) -> None:
+        payloads = node.sealer.seal(fx.topic, fx.kind, fx.body, now=self.now, version=fx.version, round=fx.round)
+        if fx.retain:
+            self.retained[fx.topic] = payloads
+        self.queue.append((fx.topic, payloads, False))
+
+    def _subscribe(self, node: Node, fx: Subscribe) -> None:
+        node.subs.append(fx.topic)
+        for topic, payloads in list(self.retained.items()):
+            if topic_matches(fx.topic, topic):
+                self.queue.append((topic, payloads, node.name))
+
+    def _train(self, node: Node, fx: Train) -> None:
+        if node.name in self.silent:
+            return
+        if self.train_time is None:
+            self.finish_training(node.name, fx)
+        else:
+            heapq.heappush(self._training, (self.now + self.train_time[node.name], id(fx), node.name, fx))
 
     def pump(self, limit: int = 100000) -> None:
         for _ in range(limit):

@@ -49,14 +49,16 @@ import torch
 
 from fedmq.common import messages as M
 from fedmq.common.channel import Inbox, Received, Sealer, initial_seq
-from fedmq.common.effects import Ack, Checkpoint, Finish, Journal, Log, Publish, PublishJson, SaveState, Subscribe, Train
+from fedmq.common.effects import (MASTER_EFFECTS, SLAVE_EFFECTS, Ack, Checkpoint, Finish, Interpreter, Journal, Log,
+                                  Publish, PublishJson, SaveState, Subscribe, Train, Trust)
 from fedmq.common.envelope import Manifest, loads
 from fedmq.common.errors import ProtocolError
 from fedmq.common.jobconfig import SlaveConfig, TrainSettings
 from fedmq.common.keys import Identity, KeyRing, raw_public_bytes
 from fedmq.common.modelspec import build_model
 from fedmq.common.brokerconfig import BrokerConfig
-from fedmq.master.core import MasterCore, make_job_strategy
+from fedmq.master.core import MasterCore
+from fedmq.master.job import make_job_strategy
 from fedmq.slave.core import SlaveCore
 from fedmq.slave.trainer import LocalResult
 
@@ -256,21 +258,20 @@ class FleetBus(Bus):
             self.run_master(effects)
             return
         node = self.nodes[name]
-        for fx in effects:
-            if isinstance(fx, Publish):
-                entry = self.slave_entry(name, fx.topic, fx.kind, fx.body, fx.version, fx.round)
-                if name in self.connected:
-                    self.q.append(entry)
-                else:
-                    self.outbox[name].append(entry)  # paho keeps QoS 1 publishes until it reconnects
-            elif isinstance(fx, Subscribe):
-                node.subs.append(fx.topic)
-                self.subscribe(name, fx.topic)
-            elif isinstance(fx, SaveState):
-                self.disk[name] = fx.state
-            elif isinstance(fx, Train):
-                heapq.heappush(self._training, (self.now + self.train_time[name], next(self.event_seq), name,
-                                                (self.incarnation[name], fx)))
+        Interpreter({
+            Publish: lambda fx: self._slave_publish(name, fx),
+            Subscribe: lambda fx: (node.subs.append(fx.topic), self.subscribe(name, fx.topic)),
+            SaveState: lambda fx: self.disk.__setitem__(name, fx.state),
+            Train: lambda fx: heapq.heappush(self._training, (self.now + self.train_time[name], next(self.event_seq),
+                                                              name, (self.incarnation[name], fx))),
+        }, ignore={Log}, covers=SLAVE_EFFECTS)(effects)
+
+    def _slave_publish(self, name: str, fx: Publish) -> None:
+        entry = self.slave_entry(name, fx.topic, fx.kind, fx.body, fx.version, fx.round)
+        if name in self.connected:
+            self.q.append(entry)
+        else:
+            self.outbox[name].append(entry)  # paho keeps QoS 1 publishes until it reconnects
 
     def slave_entry(self, name: str, topic: str, kind: str, body: dict, version: int = 0, rnd: int = 0) -> Entry:
         if name in self.witnesses:
@@ -279,7 +280,7 @@ class FleetBus(Bus):
         seq, self.seq[name] = self.seq[name], self.seq[name] + 1
         manifest = Manifest(kind=kind, job=self.cfg.job, sender=name, topic=topic, seq=seq, ts=int(self.now * 1000),
                             version=version, round=rnd, size=len(raw), sha256=b"", chunks=1)
-        return Entry(topic, None, Received(topic, manifest, loads(raw), raw, True))
+        return Entry(topic, None, Received(topic, manifest, loads(raw), raw, True, wire_bytes=0))  # never published
 
     def run_master(self, effects: list[Any]) -> None:
         node = self.nodes["master"]
@@ -289,40 +290,47 @@ class FleetBus(Bus):
             if isinstance(fx, Ack):
                 uid = self.token_uid.get(fx.token)
                 assert journal_at.get(uid, -1) < i, f"update {uid} acked before it was journaled"
-        for fx in effects:
-            if isinstance(fx, Publish):
-                payloads = node.sealer.seal(fx.topic, fx.kind, fx.body, now=self.now, version=fx.version, round=fx.round)
-                entry = Entry(fx.topic, payloads)
-                if fx.retain:
-                    self.retained_entries[fx.topic] = entry
-                if fx.topic == self.cfg.topics.master("model"):
-                    self.ledger.publish_model(fx.version, fx.body)
-                elif fx.topic == self.cfg.topics.master("round"):
-                    self.announced[fx.round] = list(fx.body["participants"])
-                self.q.append(entry)
-            elif isinstance(fx, PublishJson):
-                self.json[fx.topic] = fx.data
-            elif isinstance(fx, Journal):
-                self.journal.append(cbor2.dumps(fx.record))
-                self.ledger.journaled.add(fx.record["update_id"])
-                if self.crash_on_journal:  # the process dies between the journal write and the ack
-                    self.crash_on_journal = False
-                    raise MasterCrash
-            elif isinstance(fx, Ack):
-                assert fx.token not in self.acked, "acked twice"
-                self.acked.add(fx.token)
-                self.unacked.pop(fx.token, None)
-            elif isinstance(fx, Checkpoint):
-                state = {**fx.state, "replay": node.inbox.export_replay_state(), "seq": node.sealer.next_seq}
-                self.checkpoint = cbor2.dumps(state)
-                self.ledger.commit(fx.state["version"])
-                # the journal starts afresh: whatever it held must be in this checkpoint's model
-                dropped = {cbor2.loads(raw)["update_id"] for raw in self.journal} - self.ledger.durable
-                assert not dropped, f"checkpoint drops journaled updates it does not contain: {sorted(dropped)[:5]}"
-                self.journal.clear()
-                self.versions_at.append((self.now, fx.state["version"]))
-            elif isinstance(fx, Finish):
-                self.finished = True
+        Interpreter({
+            Publish: lambda fx: self._master_publish(node, fx),
+            PublishJson: lambda fx: self.json.__setitem__(fx.topic, fx.data),
+            Journal: self._journal,
+            Ack: self._ack,
+            Checkpoint: lambda fx: self._checkpoint(node, fx),
+            Finish: lambda fx: setattr(self, "finished", True),
+        }, ignore={Log, Trust}, covers=MASTER_EFFECTS)(effects)
+
+    def _master_publish(self, node: Node, fx: Publish) -> None:
+        payloads = node.sealer.seal(fx.topic, fx.kind, fx.body, now=self.now, version=fx.version, round=fx.round)
+        entry = Entry(fx.topic, payloads)
+        if fx.retain:
+            self.retained_entries[fx.topic] = entry
+        if fx.topic == self.cfg.topics.master("model"):
+            self.ledger.publish_model(fx.version, fx.body)
+        elif fx.topic == self.cfg.topics.master("round"):
+            self.announced[fx.round] = list(fx.body["participants"])
+        self.q.append(entry)
+
+    def _journal(self, fx: Journal) -> None:
+        self.journal.append(cbor2.dumps(fx.record))
+        self.ledger.journaled.add(fx.record["update_id"])
+        if self.crash_on_journal:  # the process dies between the journal write and the ack
+            self.crash_on_journal = False
+            raise MasterCrash
+
+    def _ack(self, fx: Ack) -> None:
+        assert fx.token not in self.acked, "acked twice"
+        self.acked.add(fx.token)
+        self.unacked.pop(fx.token, None)
+
+    def _checkpoint(self, node: Node, fx: Checkpoint) -> None:
+        state = {**fx.state, "replay": node.inbox.export_replay_state(), "seq": node.sealer.next_seq}
+        self.checkpoint = cbor2.dumps(state)
+        self.ledger.commit(fx.state["version"])
+        # the journal starts afresh: whatever it held must be in this checkpoint's model
+        dropped = {cbor2.loads(raw)["update_id"] for raw in self.journal} - self.ledger.durable
+        assert not dropped, f"checkpoint drops journaled updates it does not contain: {sorted(dropped)[:5]}"
+        self.journal.clear()
+        self.versions_at.append((self.now, fx.state["version"]))
 
     def master_call(self, fn, *args) -> None:
         """Run one entry point of the master core; if the process dies, restart it."""

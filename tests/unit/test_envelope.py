@@ -42,7 +42,8 @@ def test_sealed_update_is_received_with_its_manifest_and_body(wire) -> None:
     assert (got.kind, got.sender, got.topic) == (messages.UPDATE, "slave-01", topic)
     m = got.manifest
     assert (m.job, m.seq, m.version, m.round, m.chunks, m.v) == ("job-1", 7, 1, 1, 1, envelope.PROTOCOL_VERSION)
-    assert m.size == got.size and m.ts == int(NOW * 1000)
+    assert m.size == got.body_bytes == len(got.raw) and m.ts == int(NOW * 1000)
+    assert got.wire_bytes == len(payload)  # one publish: the whole envelope
     messages.validate(got.kind, "update", got.body)
     tensors = messages.tensors_of(got.body)
     assert set(tensors) == {"w", "b"} and tensors["w"].shape == (4, 3)
@@ -198,6 +199,70 @@ def test_unsupported_alg(wire, header: dict) -> None:
     sig = wire.sign_with(wire.slave, protected, topic, payload_m)  # a real signature: only alg is wrong
     msg = wire.cose(protected, {HDR_BODY: body}, payload_m, sig)
     assert rejected(wire.inbox(), topic, msg).reason == Reason.UNSUPPORTED_ALG
+
+
+def signed_with_protected(wire, protected: bytes, chunks: int = 1) -> tuple[str, bytes, bytes, bytes]:
+    """(topic, manifest bytes, a genuine signature over them and any protected header bytes, body)."""
+    topic = wire.update_topic()
+    body = cbor2.dumps({})
+    m = wire.manifest(wire.slave, topic, body, chunks=chunks).encode()
+    return topic, m, wire.sign_with(wire.slave, protected, topic, m), body
+
+
+@pytest.mark.parametrize("header", [{1: -8.0}, {1.0: -8}, {True: -8}],
+                         ids=["alg-float", "label-float", "label-bool"])
+def test_alg_must_be_the_integer_minus_8_under_the_integer_label_1(wire, header: dict) -> None:
+    # -8.0 == -8 and 1.0 == True == 1 in Python (and as dict keys): a lax check
+    # accepted a header no other COSE implementation would read as EdDSA.
+    protected = cbor2.dumps({**header, 4: wire.slave.kid})
+    topic, m, sig, body = signed_with_protected(wire, protected)
+    msg = wire.cose(protected, {HDR_BODY: body}, m, sig)
+    assert rejected(wire.inbox(), topic, msg).reason == Reason.UNSUPPORTED_ALG
+
+
+def test_kid_under_a_float_label_is_no_kid(wire) -> None:
+    protected = cbor2.dumps({1: -8, 4.0: wire.slave.kid})
+    topic, m, sig, body = signed_with_protected(wire, protected)
+    assert rejected(wire.inbox(), topic, wire.cose(protected, {HDR_BODY: body}, m, sig)).reason == Reason.MALFORMED
+
+
+def test_body_and_chunk_under_float_labels_are_not_read(wire) -> None:
+    protected = protected_header(wire.slave.kid)
+    topic, m, sig, body = signed_with_protected(wire, protected)
+    msg = wire.cose(protected, {float(HDR_BODY): body}, m, sig)
+    assert rejected(wire.inbox(), topic, msg).reason == Reason.MALFORMED
+    topic, m2, sig2, _ = signed_with_protected(wire, protected, chunks=2)
+    msg = wire.cose(protected, {HDR_BODY: body[:0], float(HDR_CHUNK): [0, 2]}, m2, sig2)
+    assert rejected(wire.inbox(), topic, msg).reason == Reason.BAD_CHUNK  # no chunk header: disagrees with 2
+
+
+@pytest.mark.parametrize("chunk", [[0.0, 2], [0, 2.0], [False, 2], [0, True]])
+def test_chunk_header_numbers_must_be_integers(wire, chunk: list) -> None:
+    (payload,) = wire.sealed_update()
+    msg = wire.rebuild(payload, lambda f: f[1].__setitem__(HDR_CHUNK, chunk))
+    assert rejected(wire.inbox(), wire.update_topic(), msg).reason == Reason.BAD_CHUNK
+
+
+@pytest.mark.parametrize("field", ["seq", "ts", "version", "round", "size", "chunks"])
+@pytest.mark.parametrize("make", [float, bool], ids=["float", "bool"])
+def test_integer_manifest_fields_refuse_floats_and_booleans(wire, field: str, make) -> None:
+    topic = wire.update_topic()
+    body = cbor2.dumps({})
+    raw = wire.manifest(wire.slave, topic, body).__dict__
+    m = cbor2.dumps(raw | {field: make(raw[field])})
+    protected = protected_header(wire.slave.kid)
+    msg = wire.cose(protected, {HDR_BODY: body}, m, wire.sign_with(wire.slave, protected, topic, m))
+    assert rejected(wire.inbox(), topic, msg).reason == Reason.MALFORMED
+
+
+@pytest.mark.parametrize("v", [1.0, True, "1"], ids=["float", "bool", "text"])
+def test_the_version_must_be_the_integer_1(wire, v) -> None:
+    topic = wire.update_topic()
+    body = cbor2.dumps({})
+    m = cbor2.dumps(wire.manifest(wire.slave, topic, body).__dict__ | {"v": v})
+    protected = protected_header(wire.slave.kid)
+    msg = wire.cose(protected, {HDR_BODY: body}, m, wire.sign_with(wire.slave, protected, topic, m))
+    assert rejected(wire.inbox(), topic, msg).reason == Reason.BAD_VERSION
 
 
 def test_a_body_that_is_not_a_map_is_bad_body(wire) -> None:

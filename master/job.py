@@ -1,0 +1,59 @@
+"""What a job file means to the master: the instruction slaves receive and the aggregation rule.
+
+Also the CBOR form of a strategy's state (nested maps of tensors and numbers), which
+goes into the master's checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Mapping
+
+import torch
+
+from fedmq.common.async_strategies import ASYNC_OPTIONS, make_async_strategy
+from fedmq.common.jobconfig import JobConfig
+from fedmq.common.strategies import Strategy, make_strategy
+from fedmq.common.tensors import decode_state_dict, encode_state_dict
+
+
+def instruction_body(cfg: JobConfig) -> dict[str, Any]:
+    """The training instruction: everything a slave needs to build and train the model."""
+    return {
+        "task": cfg.task, "model": dict(cfg.model), "train": asdict(cfg.train), "update": cfg.update,
+        "requirements": {"min_samples": cfg.min_samples},
+        "round_policy": {"deadline": cfg.policy.deadline, "participants": cfg.policy.participants,
+                         "asynchronous": is_asynchronous(cfg.strategy)},
+    }
+
+
+def is_asynchronous(strategy_cfg: Mapping[str, Any]) -> bool:
+    return strategy_cfg.get("name") in ASYNC_OPTIONS
+
+
+def make_job_strategy(cfg: JobConfig) -> Strategy:
+    """The job's aggregation rule: synchronous (FedOpt family) or asynchronous."""
+    if is_asynchronous(cfg.strategy):
+        return make_async_strategy(cfg.strategy, gradient_lr=cfg.train.lr)
+    return make_strategy(cfg.strategy, gradient_lr=cfg.train.lr)
+
+
+def encode_tree(value: Any) -> Any:
+    """Strategy state (nested maps of tensors and numbers) in CBOR-friendly form."""
+    if isinstance(value, torch.Tensor):
+        return {"__tensor__": encode_state_dict({"t": value})["t"]}
+    if isinstance(value, Mapping):
+        return {k: encode_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_tree(v) for v in value]
+    return value
+
+
+def decode_tree(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        if set(value) == {"__tensor__"}:
+            return decode_state_dict({"t": value["__tensor__"]})["t"].clone()
+        return {k: decode_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [decode_tree(v) for v in value]
+    return value
