@@ -77,6 +77,8 @@ def privatize(update: Mapping[str, Tensor], settings: DPSettings,
               generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Clip the whole update to L2 norm C, then add N(0, (z·C)²) to every coordinate.
 
+    `update` is what the slave's data moved: a delta or a gradient (for a student's full
+    parameters, privatize w − x and send x plus the result).
     The norm is taken over all tensors together (user-level: the whole contribution of
     one slave is what is bounded). `generator` is for reproducible tests; without it a
     fresh generator is seeded from the operating system's randomness, so the noise of
