@@ -6,8 +6,10 @@ taken as it comes, and an update computed on an older model version (staleness
 τ = current version − the version it started from) counts for less, or not at all
 past `max_staleness`.
 
-* **FedBuff** (Nguyen et al. 2022): buffer updates; after K of them, apply the mean of
-  the staleness-weighted pseudo-deltas, weight 1/√(1+τ), times a server learning rate.
+* **FedBuff** (Nguyen et al. 2022): buffer updates; after K of them, combine the
+  staleness-weighted pseudo-deltas (weight 1/√(1+τ)) by the job's rule — the mean, as
+  in the paper, or median / trimmed mean / Multi-Krum over the buffer — and apply the
+  result times a server learning rate.
 * **FedAsync** (Xie et al. 2019): x ← (1−αₜ)·x + αₜ·x_new for every update, with
   αₜ = α·s(τ) and s constant, polynomial (1+τ)^−a or hinge (1 if τ ≤ b, else
   1/(a(τ−b)+1)); x_new is the slave's model, i.e. its base version plus its delta.
@@ -17,6 +19,12 @@ past `max_staleness`.
 
 Like the synchronous strategies, these know nothing of MQTT or rounds: the master
 core hands them verified `ClientUpdate`s and the parameters they were based on.
+
+Robustness: FedBuff takes any rule of strategies.RULES over its buffer. FedAsync and
+gradient push apply each update alone, the moment it arrives, so there is no set of
+updates to take a median or Krum of: they refuse a robust `rule` with a ConfigError,
+and what bounds a bad slave there is `clip_norm` (one update moves the model by at
+most α·s(τ)·clip_norm, resp. lr·s(τ)·clip_norm) and the master's `max_update_norm`.
 """
 
 from __future__ import annotations
@@ -28,8 +36,10 @@ from typing import Any
 
 from torch import Tensor
 
+from .options import Option, choice, integer, number, parse_strategy_table
+from .strategies import (RULE_OPTIONS, SAFETY_OPTIONS, ClientUpdate, Rule, clip_to_norm,
+                         pseudo_delta, rule_from_options)
 from .errors import ConfigError
-from .strategies import ClientUpdate, clip_to_norm, pseudo_delta
 
 Params = dict[str, Tensor]
 STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge")
@@ -56,6 +66,8 @@ class _AsyncBase:
     max_staleness: int = 16
     gradient_lr: float | None = None
     clip_norm: float | None = None
+    max_update_norm: float | None = None  # applied by the master: see update_safety
+    max_weight: int | None = None  # likewise
     asynchronous = True
     needs_base_params = False  # whether `add` must see the params the update started from
 
@@ -72,9 +84,6 @@ class _AsyncBase:
         delta = pseudo_delta(update, base, self.gradient_lr)
         return clip_to_norm(delta, self.clip_norm) if self.clip_norm is not None else delta
 
-    def pending(self) -> int:
-        return 0
-
     def state_dict(self) -> dict[str, Any]:
         return {}  # buffered updates are recovered from the master's journal, not here
 
@@ -86,6 +95,7 @@ class _AsyncBase:
 class FedBuff(_AsyncBase):
     buffer_size: int = 4
     server_lr: float = 1.0
+    rule: Rule = field(default_factory=Rule)
     _buffer: list[Params] = field(default_factory=list, repr=False)
 
     def add(self, params: Params, update: ClientUpdate, version: int, base: Params | None) -> Params | None:
@@ -94,13 +104,9 @@ class FedBuff(_AsyncBase):
         self._buffer.append({k: weight * v for k, v in delta.items()})
         if len(self._buffer) < self.buffer_size:
             return None
-        scale = self.server_lr / len(self._buffer)
-        new = {k: params[k] + scale * sum(d[k] for d in self._buffer) for k in params}
+        combined = self.rule.combine(self._buffer, [1.0] * len(self._buffer))
         self._buffer.clear()
-        return new
-
-    def pending(self) -> int:
-        return len(self._buffer)
+        return {k: params[k] + self.server_lr * combined[k] for k in params}
 
 
 @dataclass
@@ -134,41 +140,44 @@ class GradPush(_AsyncBase):
         return {k: params[k] - step * grad[k] for k in params}
 
 
-_COMMON = {"max_staleness": 16, "clip_norm": None}
-ASYNC_OPTIONS: dict[str, dict[str, Any]] = {
-    "fedbuff": {"buffer_size": 4, "server_lr": 1.0},
-    "fedasync": {"alpha": 0.6, "staleness": "polynomial", "a": 0.5, "b": 4.0},
-    "gradpush": {"lr": 0.1, "staleness": "polynomial", "a": 0.5, "b": 4.0},
+_NON_NEGATIVE = number(0)
+_PER_UPDATE_RULE = Option("mean", choice(
+    "mean", hint="this strategy applies each update alone, so there is no set of updates to "
+                 "take a median, trimmed mean or Krum of: use fedbuff for those, or bound each "
+                 "update with clip_norm"))
+_STALENESS = {"staleness": Option("polynomial", choice(*STALENESS_FUNCTIONS)),
+              "a": Option(0.5, _NON_NEGATIVE), "b": Option(4.0, _NON_NEGATIVE)}
+_COMMON = {"max_staleness": Option(16, integer(0)), **SAFETY_OPTIONS}
+#: asynchronous strategy name -> every option it takes, with defaults and checks
+ASYNC_OPTIONS: dict[str, dict[str, Option]] = {
+    name: {**_COMMON, **own} for name, own in {
+        "fedbuff": {**RULE_OPTIONS, "buffer_size": Option(4, integer(1)),
+                    "server_lr": Option(1.0, number(0, open_low=True))},
+        "fedasync": {"rule": _PER_UPDATE_RULE, **_STALENESS,
+                     "alpha": Option(0.6, number(0, 1, open_low=True, open_high=False))},
+        "gradpush": {"rule": _PER_UPDATE_RULE, **_STALENESS,
+                     "lr": Option(0.1, number(0, open_low=True))},
+    }.items()
 }
 
 
 def make_async_strategy(cfg: Mapping[str, Any], *, gradient_lr: float | None = None,
                         path: str = "strategy") -> _AsyncBase:
     """Build FedBuff / FedAsync / gradient push from a `[strategy]` table."""
-    name = cfg.get("name")
-    if name not in ASYNC_OPTIONS:
-        raise ConfigError(f"{path}.name: {name!r} is not an asynchronous strategy ({', '.join(ASYNC_OPTIONS)})")
-    options = {**_COMMON, **ASYNC_OPTIONS[name]}
-    given = {k: v for k, v in cfg.items() if k != "name" and v is not None}
-    for key, value in given.items():
-        if key not in options:
-            raise ConfigError(f"{path}.{key}: not an option of {name!r} (options: {', '.join(options)})")
-        if key == "staleness":
-            if value not in STALENESS_FUNCTIONS:
-                raise ConfigError(f"{path}.staleness: {value!r} is not one of {', '.join(STALENESS_FUNCTIONS)}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"{path}.{key}: expected a non-negative number, got {value!r}")
-    opt = {**options, **given}
-    if not isinstance(opt["max_staleness"], int):
-        raise ConfigError(f"{path}.max_staleness: expected an integer")
-    common = {"max_staleness": opt["max_staleness"], "clip_norm": opt["clip_norm"], "gradient_lr": gradient_lr}
+    name, opt = parse_strategy_table(cfg, ASYNC_OPTIONS, path=path)
+    common = {"max_staleness": opt["max_staleness"], "clip_norm": opt["clip_norm"],
+              "gradient_lr": gradient_lr, "max_update_norm": opt["max_update_norm"],
+              "max_weight": opt["max_weight"]}
     if name == "fedbuff":
-        if not isinstance(opt["buffer_size"], int) or opt["buffer_size"] < 1:
-            raise ConfigError(f"{path}.buffer_size: expected a positive integer")
-        return FedBuff(buffer_size=opt["buffer_size"], server_lr=float(opt["server_lr"]), **common)
-    staleness = Staleness(opt["staleness"], float(opt["a"]), float(opt["b"]))
+        rule = rule_from_options(opt, path)
+        if opt["buffer_size"] < rule.min_updates:
+            raise ConfigError(f"{path}.buffer_size: {rule.name} with krum_f = {rule.krum_f} needs "
+                              f"a buffer of at least {rule.min_updates} updates (2·krum_f + 3)")
+        if rule.krum_m is not None and rule.krum_m > opt["buffer_size"]:
+            raise ConfigError(f"{path}.krum_m: cannot select {rule.krum_m} of a buffer of "
+                              f"{opt['buffer_size']}")
+        return FedBuff(buffer_size=opt["buffer_size"], server_lr=opt["server_lr"], rule=rule, **common)
+    staleness = Staleness(opt["staleness"], opt["a"], opt["b"])
     if name == "fedasync":
-        if not 0 < opt["alpha"] <= 1:
-            raise ConfigError(f"{path}.alpha: expected a number in (0, 1]")
-        return FedAsync(alpha=float(opt["alpha"]), staleness=staleness, **common)
-    return GradPush(lr=float(opt["lr"]), staleness=staleness, **common)
+        return FedAsync(alpha=opt["alpha"], staleness=staleness, **common)
+    return GradPush(lr=opt["lr"], staleness=staleness, **common)

@@ -7,14 +7,14 @@ Optimization" (Algorithm 1 and 2):
 
 1. every `ClientUpdate` becomes a *pseudo-delta* Δᵢ (a step the client suggests);
 2. optionally each Δᵢ is clipped to an L2 norm bound (limits what one client can do);
-3. the Δᵢ are combined by a rule — sample-weighted mean, or the coordinate-wise median or
-   trimmed mean, which tolerate a minority of arbitrarily bad clients;
+3. the Δᵢ are combined by a `Rule` — weighted mean, or one that tolerates a minority of
+   arbitrarily bad clients: coordinate-wise median or trimmed mean, or Multi-Krum;
 4. a *server optimizer* applies the combined Δ: plain or momentum SGD (FedAvg, FedAvgM),
    or Adagrad/Adam/Yogi (FedAdagrad, FedAdam, FedYogi).
 
-Parameters are `dict[str, Tensor]` as returned by `modelspec.float_state`. Asynchronous
-and buffered strategies can implement the same `Strategy` protocol: each update carries
-its `base_version`, so `staleness(version)` is available to weight it.
+Parameters are `dict[str, Tensor]` as returned by `modelspec.float_state`. The
+asynchronous strategies (async_strategies.py) reuse the pseudo-deltas, clipping, rules
+and option checking defined here.
 """
 
 from __future__ import annotations
@@ -27,26 +27,34 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from fedmq.common.errors import ConfigError, ProtocolError, Reason
+from .errors import ConfigError, ProtocolError, Reason
+from .messages import UPDATE_KINDS
+from .options import Option, choice, integer, number, parse_strategy_table
 
 Params = dict[str, Tensor]
 
-#: "delta": trained − received weights; "gradient": mean loss gradient at the received
-#: weights; "params"/"student": full trained parameters (e.g. a distilled student of the
-#: same architecture), turned into a delta against the current global parameters.
-UPDATE_KINDS = ("delta", "gradient", "params", "student")
-RULES = ("mean", "median", "trimmed_mean")
+RULES = ("mean", "median", "trimmed_mean", "krum")
 
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """One slave's contribution to a round, already verified and shape-checked."""
+    """One slave's contribution to a round, already verified and shape-checked.
+
+    `kind` is one of messages.UPDATE_KINDS: "delta" (trained − received weights),
+    "gradient" (mean loss gradient at the received weights) or "student" (full trained
+    parameters, e.g. a distilled student of the same architecture). `num_samples` is
+    what the slave claims; `weight`, when the master sets it, is what the mean rule
+    weights by instead (the claim capped by what the slave declared at enrollment or
+    by a job limit: see update_safety.capped_weight), so a slave cannot buy influence
+    by claiming more samples than it has.
+    """
 
     sender: str
     kind: str
     tensors: Mapping[str, Tensor]
     num_samples: int
     base_version: int
+    weight: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in UPDATE_KINDS:
@@ -56,6 +64,14 @@ class ClientUpdate:
                 or self.num_samples < 1:
             raise ProtocolError(Reason.BAD_BODY,
                                 f"num_samples must be a positive int, got {self.num_samples!r}")
+        if self.weight is not None and not (isinstance(self.weight, (int, float))
+                                            and 0 < self.weight < math.inf):
+            raise ValueError(f"weight must be a positive finite number, got {self.weight!r}")
+
+    @property
+    def aggregation_weight(self) -> float:
+        """What the mean rule weights this update by: `weight` if set, else the claim."""
+        return float(self.num_samples if self.weight is None else self.weight)
 
     def staleness(self, version: int) -> int:
         """How many global versions were published since the slave's starting point."""
@@ -78,8 +94,8 @@ class Strategy(Protocol):
 
 def pseudo_delta(update: ClientUpdate, params: Params, gradient_lr: float | None) -> Params:
     """The step an update suggests: a delta as is, −lr·g for a gradient, or w − x for
-    full parameters. `gradient_lr` is the slaves' local learning rate, so one gradient
-    update moves the model as far as one local SGD step would."""
+    a student's full parameters. `gradient_lr` is the slaves' local learning rate, so
+    one gradient update moves the model as far as one local SGD step would."""
     if update.kind == "delta":
         return {k: update.tensors[k] for k in params}
     if update.kind == "gradient":
@@ -114,34 +130,91 @@ def trim_count(n: int, trim: float) -> int:
     return min(math.ceil(trim * n - 1e-9), (n - 1) // 2)
 
 
-def combine(deltas: Sequence[Params], weights: Sequence[float], rule: str = "mean",
-            trim: float = 0.1) -> Params:
-    """Combine pseudo-deltas into one.
+def krum_select(deltas: Sequence[Params], f: int, m: int) -> list[int]:
+    """Multi-Krum's choice (Blanchard et al. 2017): the `m` deltas with the lowest scores.
 
-    "mean" weights by `weights` (sample counts: FedAvg). "median" and "trimmed_mean" are
-    coordinate-wise and unweighted (Yin et al. 2018): a client could otherwise buy
-    influence by claiming a huge sample count. An even count takes the mean of the two
-    middle values.
+    A delta's score is the sum of squared L2 distances to its n − f − 2 nearest other
+    deltas: honest updates sit close together, so as long as n ≥ 2f + 3 each honest
+    score is bounded by honest distances alone, whereas a Byzantine delta far from the
+    crowd scores high. Fewer updates than that (a short round) still get the most
+    central ones, with at least one neighbour each, but without the guarantee. Ties go
+    to the earlier update. Distances accumulate in float64, one tensor name at a time
+    (an n × size stack, not n × model).
     """
-    if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r} (expected one of {', '.join(RULES)})")
     n = len(deltas)
-    out: Params = {}
-    total = float(sum(weights))
+    m = max(1, min(m, n))
+    if n <= 2 or m == n:
+        return list(range(n))[:m]
+    dist = torch.zeros(n, n, dtype=torch.float64)
     for name in deltas[0]:
-        if rule == "mean":  # accumulated in place: no K x model stack (K 1 M updates = K x 4 MB)
-            first = deltas[0][name]
-            acc = torch.zeros(first.shape, dtype=first.dtype if first.is_floating_point() else torch.get_default_dtype())
-            for d, w in zip(deltas, weights):
-                acc.add_(d[name], alpha=w / total)
-            out[name] = acc
-            continue
-        ordered = torch.stack([d[name] for d in deltas]).sort(dim=0).values
-        if rule == "median":
-            out[name] = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
-        else:  # trimmed_mean
-            k = trim_count(n, trim)
-            out[name] = ordered[k:n - k].mean(0)
+        x = torch.stack([d[name].reshape(-1) for d in deltas]).double()
+        sq = (x * x).sum(1)
+        dist += (sq[:, None] + sq[None, :] - 2 * (x @ x.T)).clamp_(min=0)
+    dist.fill_diagonal_(math.inf)
+    neighbours = min(max(n - f - 2, 1), n - 1)
+    scores = dist.sort(dim=1).values[:, :neighbours].sum(1)
+    order = sorted(range(n), key=lambda i: (float(scores[i]), i))
+    return sorted(order[:m])
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How several pseudo-deltas become one.
+
+    * "mean" weights by the updates' aggregation weights (FedAvg);
+    * "median" and "trimmed_mean" are coordinate-wise (Yin et al. 2018); an even count
+      takes the mean of the two middle values; `trim` is the share dropped at each end;
+    * "krum" is Multi-Krum: the unweighted mean of the `krum_m` deltas `krum_select`
+      keeps, tolerating `krum_f` Byzantine clients (default m = n − f).
+
+    All but "mean" ignore weights: a client could otherwise buy influence by claiming
+    a huge sample count.
+    """
+
+    name: str = "mean"
+    trim: float = 0.1
+    krum_f: int = 0
+    krum_m: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in RULES:
+            raise ValueError(f"unknown rule {self.name!r} (expected one of {', '.join(RULES)})")
+
+    @property
+    def min_updates(self) -> int:
+        """The fewest updates the rule's robustness guarantee needs (Krum: 2f + 3)."""
+        return 2 * self.krum_f + 3 if self.name == "krum" else 1
+
+    def combine(self, deltas: Sequence[Params], weights: Sequence[float]) -> Params:
+        if self.name == "krum":
+            n = len(deltas)
+            m = self.krum_m if self.krum_m is not None else n - self.krum_f
+            chosen = krum_select(deltas, self.krum_f, m)
+            return _weighted_mean([deltas[i] for i in chosen], [1.0] * len(chosen))
+        if self.name == "mean":
+            return _weighted_mean(deltas, weights)
+        n = len(deltas)
+        out: Params = {}
+        for name in deltas[0]:
+            ordered = torch.stack([d[name] for d in deltas]).sort(dim=0).values
+            if self.name == "median":
+                out[name] = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+            else:
+                k = trim_count(n, self.trim)
+                out[name] = ordered[k:n - k].mean(0)
+        return out
+
+
+def _weighted_mean(deltas: Sequence[Params], weights: Sequence[float]) -> Params:
+    """Σ wᵢΔᵢ / Σ wᵢ, accumulated in place: no K × model stack (K 1 M updates = K × 4 MB)."""
+    total = float(sum(weights))
+    out: Params = {}
+    for name, first in deltas[0].items():
+        acc = torch.zeros(first.shape, dtype=first.dtype if first.is_floating_point()
+                          else torch.get_default_dtype())
+        for d, w in zip(deltas, weights):
+            acc.add_(d[name], alpha=w / total)
+        out[name] = acc
     return out
 
 
@@ -244,13 +317,25 @@ class ServerAdaptive:
 
 @dataclass
 class FedOpt:
-    """A synchronous strategy: pseudo-deltas → clip → combine → server optimizer."""
+    """A synchronous strategy: pseudo-deltas → clip → combine → server optimizer.
+
+    `max_update_norm` and `max_weight` are not applied here: the master applies them to
+    each update as it arrives (update_safety.bound_client_update, capped_weight), where
+    it can name the update it clipped, refused or capped.
+    """
 
     optimizer: ServerOptimizer
-    rule: str = "mean"
-    trim: float = 0.1
+    rule: Rule = field(default_factory=Rule)
     clip_norm: float | None = None
     gradient_lr: float | None = None
+    max_update_norm: float | None = None
+    max_weight: int | None = None
+
+    @property
+    def min_updates(self) -> int:
+        """The fewest updates per round the rule's robustness needs; the master should
+        refuse a `[rounds] min_updates` below it."""
+        return self.rule.min_updates
 
     def aggregate(self, params: Params, updates: Sequence[ClientUpdate],
                   version: int) -> Params:
@@ -265,7 +350,7 @@ class FedOpt:
         deltas = [pseudo_delta(u, params, self.gradient_lr) for u in updates]
         if self.clip_norm is not None:
             deltas = [clip_to_norm(d, self.clip_norm) for d in deltas]
-        combined = combine(deltas, [u.num_samples for u in updates], self.rule, self.trim)
+        combined = self.rule.combine(deltas, [u.aggregation_weight for u in updates])
         return self.optimizer.step(params, combined)
 
     def state_dict(self) -> dict[str, Any]:
@@ -275,66 +360,72 @@ class FedOpt:
         self.optimizer.load_state_dict(state)
 
 
-_COMMON_OPTIONS = {"rule": "mean", "trim": 0.1, "clip_norm": None}
-_ADAPTIVE = {"beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
-#: strategy name -> its own options with defaults (besides the common ones)
-STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {
-    "fedavg": {"server_lr": 1.0},
-    "fedavgm": {"server_lr": 1.0, "momentum": 0.9},
-    "fedadagrad": {"server_lr": 0.01, "beta1": 0.9, "tau": 1e-3},
-    "fedadam": {"server_lr": 0.01, **_ADAPTIVE},
-    "fedyogi": {"server_lr": 0.01, **_ADAPTIVE},
+_POSITIVE = number(0, open_low=True)
+_UNIT = number(0, 1)  # [0, 1)
+#: how updates are combined (synchronous strategies and FedBuff)
+RULE_OPTIONS: dict[str, Option] = {
+    "rule": Option("mean", choice(*RULES)),
+    "trim": Option(0.1, number(0, 0.5)),
+    "krum_f": Option(None, integer(0)),
+    "krum_m": Option(None, integer(1)),
+}
+#: what one update may do (every strategy): clip_norm is applied by the strategy,
+#: max_update_norm and max_weight by the master (see update_safety)
+SAFETY_OPTIONS: dict[str, Option] = {
+    "clip_norm": Option(None, _POSITIVE),
+    "max_update_norm": Option(None, number(0, open_low=True, open_high=False)),
+    "max_weight": Option(None, integer(1)),
+}
+_ADAPTIVE = {"beta1": Option(0.9, _UNIT), "beta2": Option(0.99, _UNIT), "tau": Option(1e-3, _POSITIVE)}
+#: strategy name -> every option it takes, with defaults and checks
+STRATEGY_OPTIONS: dict[str, dict[str, Option]] = {
+    name: {**RULE_OPTIONS, **SAFETY_OPTIONS, **own} for name, own in {
+        "fedavg": {"server_lr": Option(1.0, _POSITIVE)},
+        "fedavgm": {"server_lr": Option(1.0, _POSITIVE), "momentum": Option(0.9, _UNIT)},
+        "fedadagrad": {"server_lr": Option(0.01, _POSITIVE), "beta1": _ADAPTIVE["beta1"],
+                       "tau": _ADAPTIVE["tau"]},
+        "fedadam": {"server_lr": Option(0.01, _POSITIVE), **_ADAPTIVE},
+        "fedyogi": {"server_lr": Option(0.01, _POSITIVE), **_ADAPTIVE},
+    }.items()
 }
 
 
-def _number(path: str, value: Any, low: float, high: float, *, open_low: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and (value > low if open_low else value >= low) and value < high:
-        return float(value)
-    bounds = f"{'(' if open_low else '['}{low}, {high})"
-    raise ConfigError(f"{path}: expected a number in {bounds}, got {value!r}")
+def rule_from_options(opt: Mapping[str, Any], path: str) -> Rule:
+    """The `Rule` that checked RULE_OPTIONS describe; krum_f/krum_m only go with krum.
+
+    krum_f has no default: how many Byzantine slaves to tolerate is the operator's
+    call, and each one costs two more updates per aggregation (n ≥ 2f + 3).
+    """
+    if opt["rule"] != "krum":
+        for key in ("krum_f", "krum_m"):
+            if opt[key] is not None:
+                raise ConfigError(f"{path}.{key}: only used with rule = \"krum\"")
+        return Rule(opt["rule"], trim=opt["trim"])
+    if opt["krum_f"] is None:
+        raise ConfigError(f"{path}.krum_f: required with rule = \"krum\" (how many Byzantine "
+                          f"slaves to tolerate; Krum then needs at least 2·krum_f + 3 updates)")
+    return Rule("krum", trim=opt["trim"], krum_f=opt["krum_f"], krum_m=opt["krum_m"])
 
 
 def make_strategy(cfg: Mapping[str, Any], *, gradient_lr: float | None = None,
                   path: str = "strategy") -> FedOpt:
     """Build a strategy from a config table such as
-    ``{"name": "fedadam", "server_lr": 0.01, "rule": "median", "clip_norm": 5.0}``.
+    ``{"name": "fedadam", "server_lr": 0.01, "rule": "krum", "krum_f": 2}``.
 
-    Keys with value None count as absent. A key that the named strategy does not use is
-    an error (``momentum`` on fedadam would silently do nothing otherwise). `gradient_lr`
-    is the slaves' local learning rate, needed only if slaves send gradients.
+    Keys with value None count as absent; a key the named strategy does not use is an
+    error (see options.parse_table). `gradient_lr` is the slaves' local learning rate,
+    needed only if slaves send gradients.
     """
-    name = cfg.get("name", "fedavg")
-    if name not in STRATEGY_OPTIONS:
-        raise ConfigError(f"{path}.name: unknown strategy {name!r} "
-                          f"(known: {', '.join(STRATEGY_OPTIONS)})")
-    options = {**_COMMON_OPTIONS, **STRATEGY_OPTIONS[name]}
-    given = {k: v for k, v in cfg.items() if k != "name" and v is not None}
-    for key in given:
-        if key not in options:
-            raise ConfigError(f"{path}.{key}: not an option of {name!r} "
-                              f"(options: {', '.join(options)})")
-    opt = {**options, **given}
-    inf = math.inf
-    server_lr = _number(f"{path}.server_lr", opt["server_lr"], 0, inf, open_low=True)
-    if opt["rule"] not in RULES:
-        raise ConfigError(f"{path}.rule: {opt['rule']!r} is not one of {', '.join(RULES)}")
-    trim = _number(f"{path}.trim", opt["trim"], 0, 0.5, open_low=False)
-    clip_norm = opt["clip_norm"]
-    if clip_norm is not None:
-        clip_norm = _number(f"{path}.clip_norm", clip_norm, 0, inf, open_low=True)
+    name, opt = parse_strategy_table(cfg, STRATEGY_OPTIONS, path=path, default_name="fedavg")
     if gradient_lr is not None:
-        gradient_lr = _number("gradient_lr", gradient_lr, 0, inf, open_low=True)
-
+        gradient_lr = _POSITIVE("gradient_lr", gradient_lr)
     optimizer: ServerOptimizer
     if name in ("fedavg", "fedavgm"):
-        momentum = _number(f"{path}.momentum", opt.get("momentum", 0.0), 0, 1, open_low=False)
-        optimizer = ServerSGD(lr=server_lr, momentum=momentum)
+        optimizer = ServerSGD(lr=opt["server_lr"], momentum=opt.get("momentum", 0.0))
     else:
-        betas = {k: _number(f"{path}.{k}", opt[k], 0, 1, open_low=False)
-                 for k in ("beta1", "beta2") if k in opt}
-        tau = _number(f"{path}.tau", opt["tau"], 0, inf, open_low=True)
-        optimizer = ServerAdaptive(variant=name.removeprefix("fed"), lr=server_lr,
-                                   tau=tau, **betas)
-    return FedOpt(optimizer=optimizer, rule=opt["rule"], trim=trim, clip_norm=clip_norm,
-                  gradient_lr=gradient_lr)
+        optimizer = ServerAdaptive(variant=name.removeprefix("fed"), lr=opt["server_lr"],
+                                   tau=opt["tau"],
+                                   **{k: opt[k] for k in ("beta1", "beta2") if k in opt})
+    return FedOpt(optimizer=optimizer, rule=rule_from_options(opt, path),
+                  clip_norm=opt["clip_norm"], gradient_lr=gradient_lr,
+                  max_update_norm=opt["max_update_norm"], max_weight=opt["max_weight"])

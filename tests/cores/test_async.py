@@ -29,7 +29,7 @@ def test_fedbuff_applies_mean_of_staleness_weighted_deltas_every_k() -> None:
     assert fb.add(params, _update(1.0, base=5), version=5, base=None) is None
     new = fb.add(params, _update(1.0, base=2), version=5, base=None)  # tau 3: weight 1/2
     assert torch.allclose(new["w"], torch.full((2,), (1.0 + 0.5) / 2))
-    assert fb.pending() == 0
+    assert fb.add(params, _update(1.0, base=5), version=5, base=None) is None  # the flush emptied the buffer
     assert fb.admissible(_update(1.0, base=0), version=5) is not None  # tau 5 > 4
 
 

@@ -14,10 +14,11 @@ from fedmq.common.errors import ConfigError, ProtocolError, Reason
 from fedmq.common.strategies import (
     ClientUpdate,
     FedOpt,
+    Rule,
     ServerSGD,
     clip_to_norm,
-    combine,
     global_norm,
+    krum_select,
     make_strategy,
     trim_count,
 )
@@ -67,11 +68,10 @@ def test_gradient_kind_without_gradient_lr_is_a_config_error():
             X0, [_update([1, 1, 1], kind="gradient")], version=1)
 
 
-@pytest.mark.parametrize("kind", ["params", "student"])
-def test_full_parameter_updates_average_the_client_models(kind):
+def test_student_updates_average_the_client_models():
     strategy = make_strategy({"name": "fedavg"})
-    new = strategy.aggregate(X0, [_update([1, 1, 1], kind=kind), _update([3, 3, 3], kind=kind)],
-                             version=1)
+    new = strategy.aggregate(X0, [_update([1, 1, 1], kind="student"),
+                                  _update([3, 3, 3], kind="student")], version=1)
     np.testing.assert_allclose(_flat(new), [2, 2, 2])
 
 
@@ -139,7 +139,8 @@ ATTACK = [1e6, -1e6, 1e6]
 
 
 @pytest.mark.parametrize("cfg", [{"rule": "median"}, {"rule": "trimmed_mean", "trim": 0.2},
-                                 {"rule": "trimmed_mean", "trim": 0.1}])
+                                 {"rule": "trimmed_mean", "trim": 0.1},
+                                 {"rule": "krum", "krum_f": 1}])
 def test_robust_rules_resist_one_outlier_client(cfg):
     zero = _params(0.0, 0.0, 0.0)
     updates = [_update(v, sender=f"h{i}") for i, v in enumerate(HONEST)]
@@ -150,8 +151,49 @@ def test_robust_rules_resist_one_outlier_client(cfg):
     assert np.abs(_flat(naive)).max() > 1e5
 
 
+def test_krum_scores_by_the_nearest_n_minus_f_minus_2_neighbours():
+    # 1-D points 0, 1, 2, 10, 11 with f = 1: two neighbours each; squared distances give
+    # scores 0: 1+4=5, 1: 1+1=2, 2: 1+4=5, 10: 1+64=65, 11: 1+81=82
+    deltas = [_params(v, 0.0, 0.0) for v in (10.0, 0.0, 11.0, 1.0, 2.0)]
+    assert krum_select(deltas, f=1, m=3) == [1, 3, 4]
+    assert krum_select(deltas, f=1, m=1) == [3]
+    assert krum_select(deltas, f=1, m=4) == [0, 1, 3, 4]
+    out = Rule("krum", krum_f=1, krum_m=3).combine(deltas, [1, 1, 1000, 1, 1])
+    np.testing.assert_allclose(_flat(out), [1.0, 0.0, 0.0])  # unweighted mean of 0, 1, 2
+
+
+def test_multi_krum_drops_colluding_sign_flipped_clients():
+    honest = [_update([1 + 0.05 * i, 1 - 0.05 * i, 1.0], sender=f"h{i}") for i in range(5)]
+    flipped = [_update([-10.0, -10.0, -10.0], n=10_000, sender=f"evil{i}") for i in range(2)]
+    strategy = make_strategy({"rule": "krum", "krum_f": 2})
+    assert strategy.min_updates == 7
+    new = strategy.aggregate(_params(0, 0, 0), honest + flipped, version=1)
+    # m = n − f = 5: exactly the honest ones
+    np.testing.assert_allclose(_flat(new), [1.1, 0.9, 1.0], atol=1e-6)
+
+
+def test_krum_with_fewer_updates_than_its_guarantee_needs_still_aggregates():
+    rule = Rule("krum", krum_f=2)
+    assert rule.min_updates == 7
+    out = rule.combine([_params(1, 1, 1), _params(1.2, 1, 1), _params(50, 50, 50)], [1, 1, 1])
+    assert np.all(_flat(out) < 2)
+    assert krum_select([_params(3, 3, 3)], f=2, m=5) == [0]
+
+
+def test_mean_weights_by_the_capped_weight_when_the_master_sets_one():
+    zero = _params(0.0, 0.0, 0.0)
+    inflated = ClientUpdate("evil", "delta", _params(9, 9, 9), num_samples=10**15,
+                            base_version=0, weight=10)
+    honest = _update([1, 1, 1], n=10)
+    new = make_strategy({}).aggregate(zero, [honest, inflated], version=1)
+    np.testing.assert_allclose(_flat(new), [5, 5, 5])
+    assert inflated.aggregation_weight == 10 and honest.aggregation_weight == 10
+    with pytest.raises(ValueError, match="weight"):
+        ClientUpdate("s", "delta", _params(0, 0, 0), 1, 0, weight=0)
+
+
 def test_median_of_even_count_averages_the_middle_pair():
-    out = combine([_params(v, v, v) for v in (4.0, 1.0, 3.0, 10.0)], [1] * 4, rule="median")
+    out = Rule("median").combine([_params(v, v, v) for v in (4.0, 1.0, 3.0, 10.0)], [1] * 4)
     np.testing.assert_allclose(_flat(out), [3.5] * 3)
 
 
@@ -163,10 +205,10 @@ def test_trim_count(n, trim, k):
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.lists(st.floats(-1e3, 1e3), min_size=3, max_size=3), min_size=1, max_size=7),
-       st.sampled_from(["mean", "median", "trimmed_mean"]))
+       st.sampled_from(["mean", "median", "trimmed_mean", "krum"]))
 def test_every_rule_stays_within_the_coordinatewise_range(rows, rule):
     deltas = [_params(*r) for r in rows]
-    out = _flat(combine(deltas, [i + 1 for i in range(len(rows))], rule=rule, trim=0.2))
+    out = _flat(Rule(rule, trim=0.2, krum_f=1).combine(deltas, [i + 1 for i in range(len(rows))]))
     stacked = np.array(rows, dtype=np.float32)
     assert np.all(out >= stacked.min(0) - 1e-3) and np.all(out <= stacked.max(0) + 1e-3)
 
@@ -214,9 +256,10 @@ def test_load_state_dict_rejects_foreign_entries():
 
 
 def test_client_update_validation_and_staleness():
-    with pytest.raises(ProtocolError) as info:
-        _update([1, 1, 1], kind="weights")
-    assert info.value.reason == Reason.BAD_KIND
+    for kind in ("weights", "params"):  # "params" cannot travel on the wire: not a kind
+        with pytest.raises(ProtocolError) as info:
+            _update([1, 1, 1], kind=kind)
+        assert info.value.reason == Reason.BAD_KIND
     with pytest.raises(ProtocolError) as info:
         _update([1, 1, 1], n=0)
     assert info.value.reason == Reason.BAD_BODY
@@ -226,7 +269,8 @@ def test_client_update_validation_and_staleness():
 
 def test_make_strategy_defaults():
     strategy = make_strategy({})
-    assert isinstance(strategy, FedOpt) and strategy.rule == "mean"
+    assert isinstance(strategy, FedOpt) and strategy.rule == Rule("mean")
+    assert strategy.min_updates == 1 and strategy.max_update_norm is None
     assert strategy.optimizer == ServerSGD(lr=1.0, momentum=0.0)
     cfg = {"name": "fedavgm", "server_lr": 1.0, "momentum": 0.9, "rule": "mean",
            "trim": 0.1, "clip_norm": None, "beta1": None}
@@ -246,6 +290,12 @@ def test_make_strategy_defaults():
     ({"rule": "mode"}, "strategy.rule: 'mode' is not one of"),
     ({"rule": "trimmed_mean", "trim": 0.5}, "strategy.trim: expected a number in [0, 0.5)"),
     ({"clip_norm": 0}, "strategy.clip_norm: expected a number in (0, inf)"),
+    ({"rule": "krum"}, "strategy.krum_f: required with rule = \"krum\""),
+    ({"rule": "krum", "krum_f": -1}, "strategy.krum_f: expected an integer >= 0"),
+    ({"rule": "krum", "krum_f": 1, "krum_m": 0}, "strategy.krum_m: expected an integer >= 1"),
+    ({"rule": "median", "krum_f": 2}, "strategy.krum_f: only used with rule = \"krum\""),
+    ({"max_update_norm": -1}, "strategy.max_update_norm: expected a number in (0, inf]"),
+    ({"max_weight": 0.5}, "strategy.max_weight: expected an integer >= 1"),
 ])
 def test_make_strategy_errors_name_the_key(cfg, message):
     with pytest.raises(ConfigError) as info:
