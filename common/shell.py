@@ -49,12 +49,15 @@ class Shell:
         *,
         manual_ack: bool = False,
         heartbeat: Path | None = None,
+        events: Any = None,
     ) -> None:
         self.sealer = sealer
         self.heartbeat = heartbeat
         self.inbox = inbox
         self.log = log
-        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        # `events`: where this connection's events go instead of a queue of its own (any
+        # object with `put`), when one loop serves two connections (the relay's two sides)
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue() if events is None else events
         self.transport = Transport(
             broker, client_id, lambda m: self.events.put(("msg", m)), manual_ack=manual_ack,
             on_connect=lambda present: self.events.put(("connected", present)),

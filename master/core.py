@@ -51,7 +51,7 @@ from .registry import SlaveRegistry
 from .rejections import Rejections
 from .report import StatusBoard, metrics_row
 from .rounds import Rounds
-from .schedule import RoundState, keep_bases_for, make_schedule
+from .schedule import RoundState, Schedule, keep_bases_for, make_schedule
 
 COALESCE_SECONDS = 1.0  # slave-driven status changes and async round re-announcements: at most one per this
 STATUS_SECONDS = 10.0  # the retained status is republished at least this often: its `updated` is the heartbeat
@@ -62,7 +62,7 @@ Evaluator = Callable[[Params], Mapping[str, float]]
 
 class MasterCore:
     def __init__(self, cfg: JobConfig, model: nn.Module, strategy: Strategy, *, evaluate: Evaluator | None = None,
-                 timer: Callable[[], float] = lambda: 0.0, run: str = "0") -> None:
+                 timer: Callable[[], float] = lambda: 0.0, run: str = "0", schedule: Schedule | None = None) -> None:
         self.cfg = cfg
         self.timer = timer  # measures how long the strategy takes (the shell passes a real one)
         self._aggregation_seconds = 0.0
@@ -72,7 +72,8 @@ class MasterCore:
         self.model = model
         self.strategy = strategy
         self.evaluate = evaluate
-        self.schedule = make_schedule(strategy, cfg.policy)
+        # `schedule`: another implementation of the part (the sharded root's, master/sharded.py)
+        self.schedule = schedule if schedule is not None else make_schedule(strategy, cfg.policy)
         self.rounds = Rounds(cfg.policy, self.schedule, self.topics, cfg.update, coalesce=COALESCE_SECONDS)
         self.store = ModelStore(model, keep_bases=keep_bases_for(strategy))
         self.rejections = Rejections()
@@ -188,6 +189,28 @@ class MasterCore:
             self.registry.reenroll(record)
         elif not self.ledger.is_applied(record["update_id"]) and self.schedule.replayable(record, self.version):
             self.ledger.queue_replay(record)
+
+    # ------------------------------------------------------------ entry points for composing cores
+    # (the relay's RelayCore and the sharded root's RootCore drive a MasterCore from outside)
+
+    def adopt(self, params: Params, now: float) -> list[Effect]:
+        """Make `params` the next version without a round: a relay passes its upstream
+        model down. A round in progress is dropped (its updates were for the old
+        version), as are journaled updates waiting for replay; the version is
+        checkpointed, then published, and a round opens when the rounds may."""
+        fx: list[Effect] = []
+        if self.round is not None:
+            fx.append(Log("info", f"round {self.round.number}: dropped, the model was replaced"))
+            self.rounds.close()
+        self.ledger.take_replay()
+        self.store.adopt(params)
+        fx += [Checkpoint(self.checkpoint_state()), self._model_effect()]
+        return fx + self._maybe_start_round(now, force=True) + self._status(now, force=True)
+
+    def close_if_ready(self, now: float) -> list[Effect]:
+        """Aggregate if the schedule now says the open round is ready: for a part that
+        completes rounds outside the update path (the sharded root's partial sums)."""
+        return self._aggregate(now) if self._ready() else []
 
     # ------------------------------------------------------------ enrollment and presence
 

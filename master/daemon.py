@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import cbor2
 import torch
@@ -75,9 +75,7 @@ class MasterDaemon:
         ring = KeyRing.from_dir(cfg.slave_keys) if cfg.enrollment == "allowlist" else KeyRing()
         if cfg.enrollment == "open":
             self.log.warning("enrollment mode 'open': any key that confirms is trusted (demos only)")
-        model = build_model(cfg.model)
-        self.core = MasterCore(cfg, model, make_job_strategy(cfg), evaluate=_evaluator(cfg), timer=time.perf_counter,
-                               run=uuid.uuid4().hex[:12])
+        self.core = self._make_core(cfg)
         inbox = Inbox(ring, cfg.job, self_signed=M.SELF_SIGNED_KINDS)
         checkpoint = read_cbor_file(self.state_dir / CHECKPOINT)
         if checkpoint is not None:
@@ -103,8 +101,8 @@ class MasterDaemon:
         topics = cfg.topics
         self.alive_topic = topics.master("alive")
         self.shell.set_will(self.alive_topic, self._alive(False))
-        for name in ("confirm", "update", "presence"):
-            self.shell.transport.subscribe(topics.slaves(name), qos=1)
+        for topic_filter in self._subscriptions():
+            self.shell.transport.subscribe(topic_filter, qos=1)
         self.finished: str | None = None
         self.acks = GroupCommit(self.journal, self.shell.transport.ack)
         # Last, once nothing else can fail: Prometheus /metrics on 127.0.0.1:metrics_port,
@@ -116,6 +114,16 @@ class MasterDaemon:
             self.log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", metrics_port)
         self._now = 0.0
         self._interpret = self._interpreter()
+
+    # Hooks for the daemons built on this one (the relay's, the sharded root's): the core
+    # they drive, what they subscribe to, and the effects they handle besides these.
+
+    def _make_core(self, cfg: JobConfig) -> MasterCore:
+        return MasterCore(cfg, build_model(cfg.model), make_job_strategy(cfg), evaluate=_evaluator(cfg),
+                          timer=time.perf_counter, run=uuid.uuid4().hex[:12])
+
+    def _subscriptions(self) -> list[str]:
+        return [self.cfg.topics.slaves(name) for name in ("confirm", "update", "presence")]
 
     def run(self) -> str | None:
         """Serve until the job finishes (returns why) or a signal stops the daemon (None)."""
@@ -223,7 +231,10 @@ class MasterDaemon:
                 self.exporter.on_metrics(fx.data)
 
     def _interpreter(self) -> Interpreter:
-        return Interpreter({
+        return Interpreter(self._handlers(), covers=MASTER_EFFECTS)
+
+    def _handlers(self) -> dict[type, Callable[[Any], None]]:
+        return {
             Publish: self._publish,
             PublishJson: self._publish_json,
             Journal: lambda fx: self.journal.append(fx.record, fx.raw_body),
@@ -232,4 +243,4 @@ class MasterDaemon:
             Trust: lambda fx: self.shell.inbox.keyring.add(fx.name, public_key_from_raw(fx.public_key)),
             Log: self.shell.log_effect,
             Finish: self._finish,
-        }, covers=MASTER_EFFECTS)
+        }

@@ -9,7 +9,7 @@ the rest on a tick -- one per join would cost O(n^2) as a fleet joins.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 from fedmq.common import messages as M
 from fedmq.common.effects import Effect, Log, Publish
@@ -28,11 +28,14 @@ class Rounds:
         self.number = 1
         self._announced_at = float("-inf")
         self._announce_due = False
+        # Whether rounds may open at all: a relay opens local rounds only while its
+        # upstream waits for an update from it (relay/core.py sets it).
+        self.gate: Callable[[], bool] = lambda: True
 
     def may_open(self, online: list[str], now: float, *, waiting: bool, started_at: float | None, force: bool) -> bool:
         """Whether a round can start now: someone is online, and before round 1 either
         `min_slaves` are online or `start_wait` has passed (unless forced)."""
-        if self.current is not None or not online:
+        if self.current is not None or not online or not self.gate():
             return False
         waited = started_at is not None and now - started_at >= self.policy.start_wait
         return force or not waiting or len(online) >= self.policy.min_slaves or waited

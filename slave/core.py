@@ -165,6 +165,15 @@ class SlaveCore:
         return [Log("error", f"round {rnd}: local training failed: {error}")] + self._decline(
             f"local training failed: {error}")
 
+    def on_samples(self, samples: int, now: float) -> list[Effect]:
+        """The local sample count changed (a relay's devices enrolled): answer the
+        instruction held again, so the master learns the new count and a decline for
+        too few samples becomes a confirm."""
+        if samples == self.samples:
+            return []
+        self.samples = samples
+        return self._answer(now) if self.instruction is not None else []
+
     def state(self) -> dict[str, Any]:
         return {"instruction": self.instruction, "instruction_digest": self.instruction_digest,
                 "enrolled": self.enrolled, "declined": self.declined, "version": max(self.floor, self.version),
