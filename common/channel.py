@@ -50,12 +50,16 @@ class Sealer:
         self.next_seq = seq
         self.chunk_size = chunk_size
 
-    def seal(self, topic: str, kind: str, body: dict[str, Any], *, now: float, version: int = 0, round: int = 0) -> list[bytes]:
+    def seal(self, topic: str, kind: str, body: dict[str, Any], *, now: float, version: int = 0, round: int = 0,
+             whole: bool = False) -> list[bytes]:
         raw = cbor2.dumps(body)
-        return self.seal_raw(topic, kind, raw, now=now, version=version, round=round)
+        return self.seal_raw(topic, kind, raw, now=now, version=version, round=round, whole=whole)
 
-    def seal_raw(self, topic: str, kind: str, raw: bytes, *, now: float, version: int = 0, round: int = 0) -> list[bytes]:
-        parts = split(raw, self.chunk_size)
+    def seal_raw(self, topic: str, kind: str, raw: bytes, *, now: float, version: int = 0, round: int = 0,
+                 whole: bool = False) -> list[bytes]:
+        """`whole`: one payload whatever the chunk size (for receivers that share a
+        subscription: the broker hands each message to one of them)."""
+        parts = split(raw, max(self.chunk_size, len(raw)) if whole else self.chunk_size)
         manifest = Manifest(
             kind=kind, job=self.job, sender=self.identity.name, topic=topic, seq=self.next_seq,
             ts=int(now * 1000), version=version, round=round, size=len(raw),

@@ -23,6 +23,7 @@ class Publish:
     round: int = 0
     retain: bool = False
     qos: int = 1
+    whole: bool = False  # one MQTT message whatever its size: shared-subscription receivers get whole messages only
 
 
 @dataclass(frozen=True)

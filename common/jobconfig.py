@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 from .messages import UPDATE_KINDS
+from .shardconfig import ShardSettings, parse_shard
 from .topics import DEFAULT_PREFIX, Topics, check_id
 from .brokerconfig import BrokerConfig
 
@@ -73,6 +74,7 @@ class JobConfig:
     eval_data: str | None = None
     target_accuracy: float | None = None  # stop early once reached (None: run all rounds)
     master_name: str = "master"  # the sender name the master signs as; never the key file's name
+    shard: ShardSettings | None = None  # [shard]: aggregator workers share the updates (None: not sharded)
 
     @property
     def topics(self) -> Topics:
@@ -299,12 +301,13 @@ def parse_job(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] | 
     eval_data = master.get("eval", str, None)
     master.done()
     broker = broker_settings(root.sub("broker"), base)
+    shard = parse_shard(root.sub("shard"), base, job_id, _path(base, master_key))
     root.done()
     cfg = JobConfig(
         job=job_id, rounds=rounds, task=task, update=update, model=model, train=train, strategy=strategy,
         policy=policy, enrollment=mode, slave_keys=_path(base, keys), master_key=_path(base, master_key),
         state_dir=_path(base, state_dir), broker=broker, prefix=prefix, chunk_size=chunk_size,
-        min_samples=min_samples, target_accuracy=target, master_name=master_name,
+        min_samples=min_samples, target_accuracy=target, master_name=master_name, shard=shard,
         # like a slave's data: a file is relative to the job file, not to the working directory
         eval_data=eval_data if eval_data is None or ":" in eval_data else str(_path(base, eval_data)),
     )

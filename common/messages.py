@@ -27,6 +27,9 @@ ROUND = "round"
 UPDATE = "update"
 PRESENCE = "presence"
 RECONFIRM = "reconfirm"
+TALLY = "tally"  # aggregator worker -> root: which updates it holds (sharded jobs, PROTOCOL.md 11.8)
+PARTIAL = "partial"  # aggregator worker -> root: the sum of the updates it was asked for
+COLLECT = "collect"  # root -> workers: which updates each must sum
 
 UPDATE_KINDS = ("delta", "gradient", "student")
 
@@ -57,6 +60,9 @@ KINDS: dict[str, Kind] = {
         }),
         Kind(PRESENCE, ("presence",), {"state": str, "version": int}),
         Kind(RECONFIRM, ("to",), {"run": str, "reason": str}),
+        Kind(TALLY, ("partial",), {"run": str, "updates": list}),
+        Kind(PARTIAL, ("partial",), {"run": str, "collect": int, "updates": list, "weight": _NUM, "tensors": dict}),
+        Kind(COLLECT, ("collect",), {"run": str, "collect": int, "assign": dict, "deadline": _NUM}),
     )
 }
 

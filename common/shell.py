@@ -71,7 +71,8 @@ class Shell:
     # ------------------------------------------------------------ outbound
 
     def publish(self, fx: Publish, now: float) -> None:
-        payloads = self.sealer.seal(fx.topic, fx.kind, fx.body, now=now, version=fx.version, round=fx.round)
+        payloads = self.sealer.seal(fx.topic, fx.kind, fx.body, now=now, version=fx.version, round=fx.round,
+                                    whole=fx.whole)
         chunked = fx.retain and len(payloads) > 1
         topics = [chunk_topic(fx.topic, i) for i in range(len(payloads))] if chunked else [fx.topic] * len(payloads)
         for topic, payload in zip(topics, payloads):

@@ -11,6 +11,12 @@
     PREFIX/JOB/confirm/SLAVE    slave: accepts or declines the instruction (signed)
     PREFIX/JOB/update/SLAVE     slave: gradients / weight delta / student params (signed)
     PREFIX/JOB/presence/SLAVE   slave, retained, also its MQTT will: online/offline (signed)
+    PREFIX/JOB/collect          master (root), retained: which updates each worker must sum (signed)
+    PREFIX/JOB/partial/WORKER   aggregator worker: its tally and partial sums (signed)
+
+A sharded job's aggregator workers (`[shard]`, master/sharded.py) read the slaves'
+updates through the shared subscription `$share/GROUP/PREFIX/JOB/update/+`, so the
+broker hands each update to one of them.
 
 A retained message too large for one publish is split over `TOPIC/chunk/I` (MQTT keeps
 one retained message per topic); it is still signed for TOPIC, and receivers strip
@@ -37,8 +43,9 @@ DEFAULT_PREFIX = "fedmq"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")  # \Z: "$" would let a trailing newline through
 _PREFIX = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*\Z")
 
-MASTER, SLAVE = "master", "slave"
+MASTER, SLAVE, WORKER = "master", "slave", "worker"
 DIRECT = "to"
+PARTIAL = "partial"
 CHUNK = "chunk"
 
 
@@ -46,8 +53,10 @@ CHUNK = "chunk"
 class TopicRole:
     """Who writes and who reads one topic of a job, and how it is published.
 
-    ``per_slave``: one topic per slave, NAME/SLAVE; its slave is the only slave that
-    writes it (slave topics) or reads it (the master's direct topic). ``chunked``: a
+    ``per_slave``: one topic per party, NAME/ID, where ID is the id of a party of kind
+    ``owner`` (a slave, or for `partial` an aggregator worker); that party is the only
+    one of its kind that writes it (slave topics) or reads it (the master's direct
+    topic); parties of other kinds use NAME/+. ``chunked``: a
     message too large for one publish goes to NAME/chunk/I (`chunk_topic`), so rights
     on NAME cover NAME/#. The master reads its own retained topics back: it resubscribes
     to them to re-assert them when something else overwrote them.
@@ -59,24 +68,29 @@ class TopicRole:
     per_slave: bool = False
     retained: bool = False
     chunked: bool = False
+    owner: str = SLAVE
+    sharded: bool = False  # used only by jobs with aggregator workers ([shard])
 
 
 TOPIC_ROLES: tuple[TopicRole, ...] = (
     TopicRole("instruction", MASTER, frozenset({MASTER, SLAVE}), retained=True, chunked=True),
-    TopicRole("model", MASTER, frozenset({MASTER, SLAVE}), retained=True, chunked=True),
+    TopicRole("model", MASTER, frozenset({MASTER, SLAVE, WORKER}), retained=True, chunked=True),
     TopicRole("delta", MASTER, frozenset({SLAVE})),
-    TopicRole("round", MASTER, frozenset({MASTER, SLAVE}), retained=True, chunked=True),
+    TopicRole("round", MASTER, frozenset({MASTER, SLAVE, WORKER}), retained=True, chunked=True),
     TopicRole("status", MASTER, frozenset({MASTER, SLAVE}), retained=True),
     TopicRole("metrics", MASTER, frozenset({MASTER}), retained=True),
     TopicRole("alive", MASTER, frozenset({MASTER, SLAVE}), retained=True),
     TopicRole(DIRECT, MASTER, frozenset({SLAVE}), per_slave=True),
     TopicRole("confirm", SLAVE, frozenset({MASTER}), per_slave=True),
-    TopicRole("update", SLAVE, frozenset({MASTER}), per_slave=True),
+    TopicRole("update", SLAVE, frozenset({MASTER, WORKER}), per_slave=True),
     TopicRole("presence", SLAVE, frozenset({MASTER}), per_slave=True, retained=True),
+    TopicRole("collect", MASTER, frozenset({MASTER, WORKER}), retained=True, chunked=True, sharded=True),
+    TopicRole(PARTIAL, WORKER, frozenset({MASTER}), per_slave=True, owner=WORKER, sharded=True),
 )
 
 MASTER_TOPICS = tuple(r.name for r in TOPIC_ROLES if r.writer == MASTER and not r.per_slave)
 SLAVE_TOPICS = tuple(r.name for r in TOPIC_ROLES if r.writer == SLAVE)
+WORKER_TOPICS = tuple(r.name for r in TOPIC_ROLES if r.writer == WORKER)
 
 
 def master_client_id(job: str) -> str:
@@ -90,6 +104,11 @@ def slave_client_id(slave_id: str, job: str) -> str:
     '@' never occurs in ids, so no slave's id can collide with another's or the master's.
     """
     return f"{check_id(slave_id, 'slave id')}@{check_id(job, 'job id')}"
+
+
+def worker_client_id(worker: str, job: str) -> str:
+    """An aggregator worker's MQTT client id and broker account name (`[shard]` jobs)."""
+    return f"fedmq-worker-{check_id(worker, 'worker id')}@{check_id(job, 'job id')}"
 
 
 def chunk_topic(topic: str, index: int) -> str:
@@ -151,6 +170,19 @@ class Topics:
         assert name in SLAVE_TOPICS, name
         return f"{self.base}/{name}/+"
 
+    def worker(self, worker_id: str) -> str:
+        """The topic an aggregator worker publishes its tallies and partial sums on."""
+        return f"{self.base}/{PARTIAL}/{check_id(worker_id, 'worker id')}"
+
+    @property
+    def partials(self) -> str:
+        """Subscription filter for every worker's `partial` topic (the root's)."""
+        return f"{self.base}/{PARTIAL}/+"
+
+    def shared_updates(self, group: str) -> str:
+        """The shared subscription through which a job's workers split its updates (MQTT 5)."""
+        return f"$share/{group}/{self.slaves('update')}"
+
     def direct(self, slave_id: str) -> str:
         return f"{self.base}/{DIRECT}/{check_id(slave_id, 'slave id')}"
 
@@ -159,12 +191,12 @@ class Topics:
         return f"{self.base}/#"
 
     def parse(self, topic: str) -> tuple[str, str | None] | None:
-        """(name, slave id or None) for one of this job's topics, else None."""
+        """(name, slave or worker id, or None) for one of this job's topics, else None."""
         if not topic.startswith(self.base + "/"):
             return None
         rest = topic[len(self.base) + 1 :].split("/")
         if len(rest) == 1 and rest[0] in MASTER_TOPICS:
             return rest[0], None
-        if len(rest) == 2 and (rest[0] in SLAVE_TOPICS or rest[0] == DIRECT) and _ID.match(rest[1]):
+        if len(rest) == 2 and (rest[0] in SLAVE_TOPICS + WORKER_TOPICS or rest[0] == DIRECT) and _ID.match(rest[1]):
             return rest[0], rest[1]
         return None

@@ -237,11 +237,13 @@ class BrokerHandle:
 
 
 def start_broker(kind: str = "auto", *, port: int | None = None, data_dir: Path,
-                 persistence: bool = True, log_path: Path | None = None) -> BrokerHandle:
+                 persistence: bool = True, log_path: Path | None = None, extra_conf: str = "") -> BrokerHandle:
     """Start a broker on 127.0.0.1 and return its handle once it accepts connections.
 
     ``kind``: "mosquitto", "embedded" (amqtt) or "auto" (Mosquitto if installed).
     ``persistence`` applies to Mosquitto; amqtt keeps nothing across restarts.
+    ``extra_conf``: lines appended to Mosquitto's configuration (a bridge to another
+    broker, a larger max_packet_size); a later line wins over the template's.
     """
     if kind == "auto":
         kind = "mosquitto" if find_mosquitto() else "embedded"
@@ -249,8 +251,10 @@ def start_broker(kind: str = "auto", *, port: int | None = None, data_dir: Path,
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     if kind == "mosquitto":
-        argv, stop_signal, name = _mosquitto(data_dir, port, persistence), signal.SIGTERM, "mosquitto"
+        argv, stop_signal, name = _mosquitto(data_dir, port, persistence, extra_conf), signal.SIGTERM, "mosquitto"
     elif kind == "embedded":
+        if extra_conf:
+            raise BrokerStartError("extra_conf is Mosquitto configuration; the embedded broker takes none")
         argv, stop_signal, name = _amqtt(data_dir, port), signal.SIGINT, "amqtt"
     else:
         raise ValueError(f"broker kind must be auto, mosquitto or embedded, not {kind!r}")
@@ -258,7 +262,7 @@ def start_broker(kind: str = "auto", *, port: int | None = None, data_dir: Path,
     return BrokerHandle(name, argv, stop_signal, port, data_dir, log_path).start()
 
 
-def _mosquitto(data_dir: Path, port: int, persistence: bool) -> list[str]:
+def _mosquitto(data_dir: Path, port: int, persistence: bool, extra_conf: str = "") -> list[str]:
     binary = find_mosquitto()
     if binary is None:
         raise BrokerStartError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto)")
@@ -270,7 +274,7 @@ def _mosquitto(data_dir: Path, port: int, persistence: bool) -> list[str]:
     conf.write_text(template.substitute(
         host=HOST, port=port, user=pwd.getpwuid(os.geteuid()).pw_name,
         persistence="true" if persistence else "false", data_dir=data_dir,
-    ))
+    ) + (f"\n# Added by start_broker(extra_conf=...)\n{extra_conf}\n" if extra_conf else ""))
     return [binary, "-c", str(conf)]
 
 

@@ -185,6 +185,7 @@ def render_readme(accounts: JobAccounts, layout: BrokerLayout, hosts: Sequence[s
     width = max(len(n) for n in accounts.names)
     roles = [f"  {accounts.master:<{width}}  the master"]
     roles += [f"  {accounts.slave(s):<{width}}  slave {s}" for s in accounts.slaves]
+    roles += [f"  {accounts.worker(w):<{width}}  aggregator worker {w} (fedmq worker)" for w in accounts.workers]
     roles += [f"  {m:<{width}}  read-only monitor (fedmq monitor, mosquitto_sub)" for m in accounts.monitors]
     example = accounts.slaves[0]
     account = accounts.slave(example)

@@ -20,8 +20,8 @@ import secrets
 from dataclasses import dataclass
 
 from fedmq.common.errors import ConfigError
-from fedmq.common.topics import (DEFAULT_PREFIX, MASTER, SLAVE, TOPIC_ROLES, TopicRole, Topics, check_id,
-                                 master_client_id, slave_client_id)
+from fedmq.common.topics import (DEFAULT_PREFIX, MASTER, SLAVE, TOPIC_ROLES, WORKER, TopicRole, Topics, check_id,
+                                 master_client_id, slave_client_id, worker_client_id)
 
 DEFAULT_MONITOR = "fedmq-monitor"
 CLIENT_AUTH = ("password", "certificate")
@@ -45,6 +45,7 @@ class JobAccounts:
     slaves: tuple[str, ...]
     monitors: tuple[str, ...] = (DEFAULT_MONITOR,)
     prefix: str = DEFAULT_PREFIX
+    workers: tuple[str, ...] = ()  # aggregator workers of a sharded job ([shard] workers)
 
     def __post_init__(self) -> None:
         Topics(self.job, self.prefix)  # checks the job id and the prefix
@@ -54,6 +55,8 @@ class JobAccounts:
             check_id(slave, "slave id")
         for monitor in self.monitors:
             check_id(monitor, "monitor account")
+        for worker in self.workers:
+            check_id(worker, "worker id")
         names = self.names
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -70,10 +73,14 @@ class JobAccounts:
     def slave(self, slave_id: str) -> str:
         return slave_client_id(slave_id, self.job)
 
+    def worker(self, worker_id: str) -> str:
+        return worker_client_id(worker_id, self.job)
+
     @property
     def names(self) -> tuple[str, ...]:
-        """Every account name: the master, the slaves, the monitors, in that order."""
-        return (self.master, *(self.slave(s) for s in self.slaves), *self.monitors)
+        """Every account name: the master, the slaves, the workers, the monitors, in that order."""
+        return (self.master, *(self.slave(s) for s in self.slaves), *(self.worker(w) for w in self.workers),
+                *self.monitors)
 
 
 @dataclass(frozen=True)
@@ -152,11 +159,11 @@ def render_passwd(passwords: dict[str, str]) -> str:
 
 # ------------------------------------------------------------------------ ACL
 
-def _filter(topics: Topics, role: TopicRole, slave: str | None) -> str:
-    """The topic filter for one role, for one slave (per-slave roles) or all ('+')."""
+def _filter(topics: Topics, role: TopicRole, own_id: str | None) -> str:
+    """The topic filter for one role: per-party roles name `own_id`, or all ('+') when None."""
     topic = f"{topics.base}/{role.name}"
     if role.per_slave:
-        topic += f"/{slave if slave is not None else '+'}"
+        topic += f"/{own_id if own_id is not None else '+'}"
     return f"{topic}/#" if role.chunked else topic
 
 
@@ -164,12 +171,14 @@ def _access(reads: bool, writes: bool) -> str | None:
     return {(True, True): "readwrite", (True, False): "read", (False, True): "write"}.get((reads, writes))
 
 
-def _rules(party: str, topics: Topics, slave: str | None) -> list[str]:
+def _rules(party: str, topics: Topics, own_id: str | None, *, sharded: bool = False) -> list[str]:
+    """The rules of one account of kind `party` (its id `own_id`); `sharded`: the job
+    has aggregator workers, so the roles only such jobs use are included."""
     lines = []
     for role in TOPIC_ROLES:
         access = _access(party in role.readers, role.writer == party)
-        if access is not None:
-            lines.append(f"topic {access} {_filter(topics, role, slave)}")
+        if access is not None and (sharded or not role.sharded):
+            lines.append(f"topic {access} {_filter(topics, role, own_id if role.owner == party else None)}")
     return lines
 
 
@@ -193,7 +202,7 @@ def render_acl(accounts: JobAccounts) -> str:
         "# The master: publishes the broadcasts and each slave's direct topic, reads the",
         "# slaves' topics and its own retained topics (to re-assert them if overwritten).",
         f"user {accounts.master}",
-        *_rules(MASTER, topics, None),
+        *_rules(MASTER, topics, None, sharded=bool(accounts.workers)),
     ]
     for slave in accounts.slaves:
         out += [
@@ -201,6 +210,14 @@ def render_acl(accounts: JobAccounts) -> str:
             f"# Slave {slave!r}: reads the broadcasts and its own inbox, writes only its own topics.",
             f"user {accounts.slave(slave)}",
             *_rules(SLAVE, topics, slave),
+        ]
+    for worker in accounts.workers:
+        out += [
+            "",
+            f"# Aggregator worker {worker!r}: reads every update (through the shared subscription",
+            f"# $share/GROUP/{base}/update/+), the rounds, models and collect requests; writes its partial sums.",
+            f"user {accounts.worker(worker)}",
+            *_rules(WORKER, topics, worker, sharded=True),
         ]
     for monitor in accounts.monitors:
         out += [

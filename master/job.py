@@ -27,7 +27,9 @@ def instruction_body(cfg: JobConfig, run: str) -> dict[str, Any]:
         "run": run, "task": cfg.task, "model": dict(cfg.model), "train": asdict(cfg.train), "update": cfg.update,
         "requirements": {"min_samples": cfg.min_samples},
         "round_policy": {"deadline": cfg.policy.deadline, "participants": cfg.policy.participants,
-                         "asynchronous": is_asynchronous(cfg.strategy)},
+                         "asynchronous": is_asynchronous(cfg.strategy),
+                         # sharded: aggregator workers share the updates, each must be one MQTT message
+                         **({"whole_updates": True} if cfg.shard is not None else {})},
     }
 
 

@@ -105,8 +105,7 @@ class SlaveCore:
         if self.pending is not None:
             p = self.pending
             fx.append(Log("info", f"re-sending update {p['body']['update_id']} after restart"))
-            fx.append(Publish(self.topics.slave("update", self.cfg.slave_id), M.UPDATE, p["body"],
-                              version=p["body"]["base_version"], round=p["round"]))
+            fx.append(self._update(p["body"], p["body"]["base_version"], p["round"]))
         return fx
 
     def on_message(self, msg: Received, now: float) -> list[Effect]:
@@ -153,7 +152,7 @@ class SlaveCore:
         self.done_rounds = (self.done_rounds + [rnd])[-KEEP_DONE_ROUNDS:]
         return [
             SaveState(self.state()),
-            Publish(self.topics.slave("update", self.cfg.slave_id), M.UPDATE, body, version=version, round=rnd),
+            self._update(body, version, rnd),
             Log("info", f"round {rnd}: sent {result.kind} update ({result.num_samples} samples, "
                         f"loss {result.metrics.get('train_loss', float('nan')):.4f})"),
         ] + self._maybe_train(now)  # a newer round may have come meanwhile
@@ -272,8 +271,14 @@ class SlaveCore:
             return []
         if self.cfg.slave_id not in rnd.participants or self.cfg.slave_id in rnd.received:
             return []
-        return [Publish(self.topics.slave("update", self.cfg.slave_id), M.UPDATE, p["body"],
-                        version=rnd.version, round=rnd.number)]
+        return [self._update(p["body"], rnd.version, rnd.number)]
+
+    def _update(self, body: dict[str, Any], version: int, rnd: int) -> Publish:
+        """The update message; in one MQTT message when the instruction asks for whole updates
+        (a sharded job: the broker hands each message to one of its aggregator workers)."""
+        whole = bool(self.instruction and self.instruction["round_policy"].get("whole_updates"))
+        return Publish(self.topics.slave("update", self.cfg.slave_id), M.UPDATE, body, version=version, round=rnd,
+                       whole=whole)
 
     def _follow(self) -> list[Effect]:
         return [Subscribe(self.topics.master("model")), Subscribe(self.topics.master("round"))]

@@ -76,7 +76,10 @@ class SlaveLink:
         return self.shell.receive(msg, now)
 
     def publish(self, fx: Publish, now: float) -> None:
-        self.shell.publish(fx, now)
+        try:
+            self.shell.publish(fx, now)
+        except ValueError as exc:  # a whole update larger than the broker's maximum packet (sharded jobs)
+            self.shell.log.error("%s not sent: %s", fx.kind, exc)
 
     def subscribe(self, fx: Subscribe) -> None:
         # Retained, possibly chunked. `bootstrap`: a restarted slave resumes its session,

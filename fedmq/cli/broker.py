@@ -30,6 +30,8 @@ def _slave_list(_ctx: click.Context, _param: click.Parameter, value: tuple[str, 
 @click.option("--host", "hosts", multiple=True, metavar="NAME",
               help="A host name or IP address clients reach the broker by (repeatable; goes into the "
                    "server certificate). Default: localhost and 127.0.0.1; with --update: keep the certificate's.")
+@click.option("--workers", multiple=True, callback=_slave_list, metavar="W1,W2,...",
+              help="Aggregator workers of a sharded job ([shard] workers; comma-separated; may be repeated).")
 @click.option("--monitor", "monitors", multiple=True, metavar="NAME",
               help=f"A read-only monitor account (repeatable; default {DEFAULT_MONITOR}).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -53,14 +55,15 @@ def _slave_list(_ctx: click.Context, _param: click.Parameter, value: tuple[str, 
 @click.option("--log-dest", default=BrokerLayout.log_dest, show_default=True,
               help='Mosquitto log_dest: syslog, stderr, stdout, "file PATH", ...')
 @user_errors
-def config(job: str, slaves: tuple[str, ...], prefix: str, hosts: tuple[str, ...], monitors: tuple[str, ...],
+def config(job: str, slaves: tuple[str, ...], workers: tuple[str, ...], prefix: str, hosts: tuple[str, ...],
+           monitors: tuple[str, ...],
            out: Path, force: bool, update: bool, ca_dir: Path | None, client_auth: str, etc: str,
            data_dir: str, tls_port: int, listen: str | None, local_port: int, log_dest: str) -> None:
     """Write a job's broker configuration into OUT: mosquitto.conf, ACL, password file,
     one password and certificate per account, a CA and the broker's certificate.
 
-    Accounts: the master (fedmq-master-JOB), one per slave (SLAVE@JOB) and the
-    monitors. Each account name is also the MQTT client id the broker gives it.
+    Accounts: the master (fedmq-master-JOB), one per slave (SLAVE@JOB), one per
+    aggregator worker (fedmq-worker-W@JOB) and the monitors. Each account name is also the MQTT client id the broker gives it.
     Passwords are written to OUT/passwords/ACCOUNT and never printed.
     OUT/README.txt says how to install everything.
     """
@@ -68,7 +71,7 @@ def config(job: str, slaves: tuple[str, ...], prefix: str, hosts: tuple[str, ...
         raise click.UsageError("--force and --update exclude each other")
     if not slaves:
         raise click.BadParameter("give at least one slave id", param_hint="--slaves")
-    accounts = JobAccounts(job, slaves, monitors or (DEFAULT_MONITOR,), prefix)
+    accounts = JobAccounts(job, slaves, monitors or (DEFAULT_MONITOR,), prefix, workers)
     layout = BrokerLayout(etc=etc, data_dir=data_dir, tls_port=tls_port, listen=listen,
                           local_port=local_port, log_dest=log_dest, client_auth=client_auth)
     mode = FORCE if force else UPDATE if update else NEW

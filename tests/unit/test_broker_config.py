@@ -53,7 +53,7 @@ def test_client_ids_are_the_account_names_and_cannot_collide():
 
 
 def test_topic_table_and_topic_names_agree():
-    assert MASTER_TOPICS == ("instruction", "model", "delta", "round", "status", "metrics", "alive")
+    assert MASTER_TOPICS == ("instruction", "model", "delta", "round", "status", "metrics", "alive", "collect")
     assert SLAVE_TOPICS == ("confirm", "update", "presence")
     topics = Topics("j")
     assert topics.parse("fedmq/j/alive") == ("alive", None)
