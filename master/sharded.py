@@ -60,6 +60,9 @@ def check_shardable(cfg: JobConfig, strategy: Strategy) -> None:
     if not isinstance(strategy, FedOpt) or rule != "mean":
         raise ConfigError(f"[shard]: strategy {name!r} with rule {rule!r} is not a sum (median, trimmed mean and "
                           "Krum need every update in one place): it cannot be sharded; use rule = \"mean\"")
+    if cfg.update == "student":
+        raise ConfigError("[shard]: student updates cannot be sharded (a student's step w - x needs the global "
+                          "model at every worker); use update = \"delta\" or \"gradient\"")
     if cfg.enrollment != "allowlist":
         raise ConfigError("[shard]: enrollment mode 'open' cannot be sharded: the workers verify updates with "
                           "the allowlist's keys, and open enrollment learns keys at the master only")
