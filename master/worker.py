@@ -147,7 +147,9 @@ class WorkerCore:
         entries, self.untallied = self.untallied, []
         return [Publish(self.topics.worker(self.worker), M.TALLY,
                         {"run": self.run, "updates": [e.to_wire() for e in entries]},
-                        version=self.version, round=self.round.number)]
+                        version=self.version, round=self.round.number),
+                Log("info", f"round {self.round.number}: tallied {len(entries)} update(s), "
+                            f"{len(self.held)} held for version {self.version}")]
 
     def tick(self, now: float) -> list[Effect]:
         """Updates that waited too long for their round: refused as stale (their slave

@@ -18,6 +18,7 @@ from .keys import keys
 from .monitor import monitor
 from .run import master, slave
 from .status import status
+from .worker import worker
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,3 +35,4 @@ main.add_command(demo)
 main.add_command(monitor)
 main.add_command(broker)
 main.add_command(status)
+main.add_command(worker)

@@ -57,6 +57,11 @@ def master_run(config: Path, broker: tuple[str, int] | None, threads: int, metri
     """Run a job until all its rounds are done (resumes from its checkpoint)."""
     cfg = with_broker(load_job(config), broker)
     setup_logging(verbose)
+    if cfg.shard is not None:  # aggregator workers take the updates: this master is their root
+        from fedmq.master.root_daemon import RootDaemon
+
+        RootDaemon(cfg, threads=threads, metrics_port=metrics_port).run()
+        return
     from fedmq.master.daemon import MasterDaemon  # torch: only once the config is good
 
     MasterDaemon(cfg, threads=threads, metrics_port=metrics_port).run()
