@@ -39,11 +39,11 @@ from fedmq.common.effects import Ack, Checkpoint, Effect, Finish, Journal, Log, 
 from fedmq.common.errors import ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.strategies import ClientUpdate, Strategy
-from fedmq.common.tensors import decode_state_dict
+from fedmq.common.update_safety import all_finite_params
 
 from . import checkpoint
 from .job import instruction_body
-from .intake import Refusal, screen_update
+from .intake import Refusal, UpdateIntake
 from .ledger import UpdateLedger
 from .modelstore import ModelStore, Params
 from .phase import JobPhase
@@ -79,6 +79,10 @@ class MasterCore:
         self.registry = SlaveRegistry(open_enrollment=cfg.enrollment == "open", min_samples=cfg.min_samples,
                                       rejections=self.rejections)
         self.ledger = UpdateLedger()
+        self.intake = UpdateIntake(self.store, self.ledger, self.schedule,
+                                   max_update_norm=getattr(strategy, "max_update_norm", None),
+                                   max_weight=getattr(strategy, "max_weight", None))
+        self.discarded: list[dict[str, Any]] = []  # versions refused as non-finite (the last few)
         self.phase = JobPhase()
         self.board = StatusBoard(self.topics.master("status"), COALESCE_SECONDS)
         self.started_at: float | None = None
@@ -297,9 +301,10 @@ class MasterCore:
         """Close the round: the strategy combines its updates into a new version."""
         assert self.round is not None
         started = self.timer()
+        before = self.strategy.state_dict()  # taken back if the aggregate is not finite
         params = self.schedule.close(self.round, self.store)
         self._aggregation_seconds = self.timer() - started
-        return self._new_version(params, now)
+        return self._new_version(params, now, strategy_before=before)
 
     # ------------------------------------------------------------ updates
 
@@ -310,8 +315,7 @@ class MasterCore:
             self.registry.slaves[name].online = True
             fx = self._maybe_start_round(now, force=True)
         rnd = self.round
-        verdict = screen_update(msg, rnd, self.round_number, ledger=self.ledger, schedule=self.schedule,
-                                store=self.store)
+        verdict = self.intake.screen(msg, rnd, self.round_number, declared_samples=self.registry.slaves[name].samples)
         if not (isinstance(verdict, Refusal) and verdict.duplicate):
             self.registry.slaves[name].online = True  # it is evidently there, whatever presence said last
         if isinstance(verdict, Refusal):
@@ -338,9 +342,11 @@ class MasterCore:
 
     def _admit(self, record: Mapping[str, Any], now: float) -> list[Effect]:
         """Re-admit a journaled update after a restart (it was acked before)."""
-        body = record["body"]
-        tensors = decode_state_dict(body["tensors"])
-        update = ClientUpdate(record["sender"], body["kind"], tensors, body["samples"], body["base_version"])
+        rec = self.registry.get(record["sender"])
+        try:
+            update = self.intake.to_update(record["sender"], record["body"], rec.samples if rec else None)
+        except ProtocolError as exc:  # e.g. a job file whose max_update_norm was lowered since
+            return [Log("warning", f"journaled update {record['update_id']} not re-admitted: {exc}")]
         if self.schedule.admissible(update, self.version):
             return []
         return self._accept(update, record["update_id"], record, now)
@@ -358,10 +364,13 @@ class MasterCore:
         self._aggregation_seconds += self.timer() - started  # an asynchronous version: the sum of its steps
         return fx if new is None else fx + self._new_version(new, now)
 
-    def _new_version(self, params: Params, now: float) -> list[Effect]:
+    def _new_version(self, params: Params, now: float, *, strategy_before: Mapping[str, Any] | None = None
+                     ) -> list[Effect]:
         """Adopt new parameters: checkpoint, then publish the version and open the next round."""
         rnd: RoundState | None = self.round
         assert rnd is not None
+        if bad := all_finite_params(params):
+            return self._discard(rnd, bad, now, strategy_before)
         version = self.store.adopt(params)
         self.ledger.mark_applied(list(rnd.updates), version, self.schedule.horizon)
         row = metrics_row(rnd, version, {n: s.bytes_in for n, s in self.slaves.items()}, now)
@@ -388,6 +397,24 @@ class MasterCore:
             return fx + self._status(now, force=True) + [
                 Finish("all rounds done" if version >= self.cfg.rounds else "target reached")]
         return fx + self._maybe_start_round(now, force=True) + self._status(now, force=True)
+
+    def _discard(self, rnd: RoundState, tensors: list[str], now: float,
+                 strategy_before: Mapping[str, Any] | None) -> list[Effect]:
+        """Finite updates made a non-finite model (their sum overflowed): the version is
+        never checkpointed nor published. Its updates are named and refused, the strategy
+        goes back to where it was, and a new round (a new number: the slaves train again)
+        starts from the current version."""
+        ids = sorted(rnd.updates)
+        if strategy_before is not None:
+            self.strategy.load_state_dict(strategy_before)
+        for _ in ids:
+            self.rejections.tally(Reason.NON_FINITE_AGGREGATE)
+        self.ledger.mark_applied(ids, self.version, self.schedule.horizon)  # never counted again
+        self.discarded = (self.discarded + [{"round": rnd.number, "update_ids": ids, "tensors": tensors[:8]}])[-5:]
+        self.rounds.close()
+        return ([Log("error", f"round {rnd.number}: the aggregate of {len(ids)} update(s) is not finite "
+                              f"({', '.join(tensors[:4])}); version discarded, updates refused: {', '.join(ids[:10])}")]
+                + self._maybe_start_round(now, force=True) + self._status(now, force=True))
 
     # ------------------------------------------------------------ messages out
 

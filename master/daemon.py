@@ -32,7 +32,7 @@ from fedmq.common.jobconfig import JobConfig
 from fedmq.common.keys import KeyRing, load_identity, public_key_from_raw
 from fedmq.common.modelspec import build_model
 from fedmq.common.shell import HEARTBEAT_FILE, GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
-from fedmq.common.topics import master_client_id
+from fedmq.common.topics import master_client_id, split_chunk_topic
 from fedmq.common.workload import data_misfit, evaluate, load_local_data
 
 from .core import MasterCore
@@ -105,6 +105,12 @@ class MasterDaemon:
         self.shell.set_will(self.alive_topic, self._alive(False))
         for name in ("confirm", "update", "presence"):
             self.shell.transport.subscribe(topics.slaves(name), qos=1)
+        # its own retained messages, to put them back if anyone overwrites them (a junk
+        # instruction would keep every new slave from enrolling)
+        self._own_retained = {topics.master(name) for name in ("instruction", "model", "round")}
+        for topic in sorted(self._own_retained):
+            self.shell.transport.subscribe(topic, qos=1)
+            self.shell.transport.subscribe(topic + "/chunk/+", qos=1)
         self.finished: str | None = None
         self.acks = GroupCommit(self.journal, self.shell.transport.ack)
         # Last, once nothing else can fail: Prometheus /metrics on 127.0.0.1:metrics_port,
@@ -173,6 +179,10 @@ class MasterDaemon:
             self.acks.commit()
 
     def _handle_message(self, value: Any, now: float) -> None:
+        if split_chunk_topic(value.topic) in self._own_retained:
+            self.acks.ack(value, time.monotonic())
+            self.shell.reassert(value, now)
+            return
         try:
             received = self.shell.receive(value, now)
         except ProtocolError as exc:

@@ -18,8 +18,18 @@ if TYPE_CHECKING:
     from .core import MasterCore
 
 
+MAX_LISTED = 50  # names listed under not_enrolled (the rest are counted): anyone can make up names
+MAX_TEXT = 200  # characters of any text a remote party chose (a decline reason)
+
+
+def _text(value: str) -> str:
+    return value if len(value) <= MAX_TEXT else value[:MAX_TEXT - 1] + "…"
+
+
 def status_document(core: MasterCore, now: float) -> dict[str, Any]:
+    """The status, bounded whatever remote parties send: it must always fit one MQTT packet."""
     rnd = core.round
+    ignored = sorted(core.not_enrolled.items())
     return {
         "job": core.cfg.job, "state": core.state, "version": core.version, "round": core.round_number,
         "rounds": core.cfg.rounds,
@@ -28,9 +38,13 @@ def status_document(core: MasterCore, now: float) -> dict[str, Any]:
         "deadline": rnd.deadline if rnd else None,
         "last_accuracy": core.history[-1].get("accuracy") if core.history else None,
         "slaves": {n: {"enrolled": s.enrolled, "online": s.online, "samples": s.samples,
-                       **({"declined": s.declined} if s.declined else {})} for n, s in sorted(core.slaves.items())},
-        "not_enrolled": dict(sorted(core.not_enrolled.items())),
+                       **({"declined": _text(s.declined)} if s.declined else {})}
+                   for n, s in sorted(core.slaves.items()) if s.enrolled or s.declined or s.online},
+        "not_enrolled": {n: _text(why) for n, why in ignored[:MAX_LISTED]},
+        "not_enrolled_more": max(0, len(ignored) - MAX_LISTED),
         "rejected": dict(sorted(core.rejected.items())),
+        "clipped": dict(sorted(core.intake.clipped.items())),
+        "discarded": core.discarded,
         "duplicates": core.duplicates,
         "updated": round(now, 3),
     }
@@ -41,7 +55,7 @@ def metrics_row(rnd: RoundState, version: int, bytes_in: Mapping[str, int], now:
     updates = list(rnd.updates.values())
     return {
         "round": rnd.number, "version": version, "updates": len(updates),
-        "samples": sum(u.num_samples for u in updates), "seconds": round(now - rnd.started, 3),
+        "samples": sum(int(u.aggregation_weight) for u in updates), "seconds": round(now - rnd.started, 3),
         "update_ids": sorted(rnd.updates),
         "bytes_up": rnd.bytes_up,
         "bytes_down": sum(max(0, bytes_in[n] - base) for n, base in rnd.bytes_down_base.items()),
