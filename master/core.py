@@ -39,17 +39,19 @@ from fedmq.common.effects import Ack, Checkpoint, Effect, Finish, Journal, Log, 
 from fedmq.common.errors import ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.strategies import ClientUpdate, Strategy
+from fedmq.common.privacy import epsilon_spent
 from fedmq.common.update_safety import all_finite_params
 
 from . import checkpoint
 from .job import instruction_body
 from .intake import Refusal, UpdateIntake
+from .downlink import ModelPublisher
 from .ledger import UpdateLedger
 from .modelstore import ModelStore, Params
 from .phase import JobPhase
 from .registry import SlaveRegistry
 from .rejections import Rejections
-from .report import StatusBoard, metrics_row
+from .report import StatusBoard, Traffic, metrics_row
 from .rounds import Rounds
 from .schedule import RoundState, keep_bases_for, make_schedule
 
@@ -85,6 +87,9 @@ class MasterCore:
         self.discarded: list[dict[str, Any]] = []  # versions refused as non-finite (the last few)
         self.phase = JobPhase()
         self.board = StatusBoard(self.topics.master("status"), COALESCE_SECONDS)
+        self.publisher = ModelPublisher(cfg.compression.downlink, self.store, self.topics)
+        self.traffic = Traffic()
+        self.contributions: dict[str, int] = {}  # slave -> updates of it the strategy used (for the DP accounting)
         self.started_at: float | None = None
         self.history: list[dict[str, Any]] = []
 
@@ -128,6 +133,7 @@ class MasterCore:
             M.validate(msg.kind, parsed[0], msg.body)
         except ProtocolError as exc:
             return self.on_rejected(exc.reason, msg.sender, now, str(exc)) + _ack(token)
+        self.traffic.received(msg.kind, msg.wire_bytes)
         slave = self.registry.get(msg.sender)
         if slave is not None:
             slave.last_seen = now
@@ -138,6 +144,9 @@ class MasterCore:
             self.registry.record(msg.sender, now)
             online = msg.body["state"] == "online"
             fx = self._on_presence(msg.sender, online, now, grace=not online)
+            if online and self.registry.enrolled(msg.sender) and self.publisher.settings.delta:
+                # back online: it may have missed deltas, and cannot follow the next one without its base
+                fx.append(self._direct_model(msg.sender))
             return fx + (self._ask_to_confirm(msg.sender, now) if online else []) + _ack(token)
         if not self.registry.enrolled(msg.sender):
             self.registry.ignore(msg.sender, "sent an update without being enrolled" if msg.kind == M.UPDATE
@@ -203,7 +212,7 @@ class MasterCore:
             return fx + self._status(now) + self._availability(msg.sender, False, now)
         # Durable before acted on: the daemon syncs the journal before the model goes out.
         fx.append(Journal(self.registry.enrollment_record(msg.sender), NO_BODY))
-        fx.append(Publish(self.topics.direct(msg.sender), M.MODEL, self._model_body(), version=self.version))
+        fx.append(self._direct_model(msg.sender))
         return fx + self._join_or_start(msg.sender, now) + self._status(now)
 
     def _ask_to_confirm(self, name: str, now: float, *, force: bool = False) -> list[Effect]:
@@ -355,6 +364,7 @@ class MasterCore:
         """Count an update in the open round; the schedule may turn it into a version at once."""
         assert self.round is not None
         self.round.count(uid, update, record["bytes"])
+        self.contributions[update.sender] = self.contributions.get(update.sender, 0) + 1
         slave = self.registry.get(update.sender)
         bytes_in = record["body"].get("metrics", {}).get("bytes_in")
         if slave is not None and isinstance(bytes_in, int):
@@ -376,6 +386,10 @@ class MasterCore:
         row = metrics_row(rnd, version, {n: s.bytes_in for n, s in self.slaves.items()}, now)
         row.update(self.schedule.row(list(rnd.updates.values()), version))
         row["aggregation_seconds"] = round(self._aggregation_seconds, 6)
+        row["traffic"] = self.traffic.take_round()
+        if (dp := self.cfg.privacy) is not None:  # the slave that sent the most updates spent the most
+            row["epsilon"] = epsilon_spent(dp.noise_multiplier, 1.0, max(self.contributions.values(), default=0),
+                                           dp.delta)
         self._aggregation_seconds = 0.0
         if self.evaluate is not None:
             scores = self.evaluate(self.store.params)
@@ -386,9 +400,10 @@ class MasterCore:
         done = version >= self.cfg.rounds or (target is not None and row.get("accuracy", 0.0) >= target)
         if done:
             self.phase.go("finished")
+        published = self.publisher.publish(self.run, self.round_number)  # decided before the checkpoint holds it
         fx: list[Effect] = [
             Checkpoint(self.checkpoint_state()),
-            self._model_effect(),
+            *published,
             PublishJson(self.topics.master("metrics"), {"job": self.cfg.job, **row}, retain=True),
             Log("info", "round {round}: version {version}, {updates} update(s){acc}".format(
                 acc=f", accuracy {row['accuracy']:.4f}" if "accuracy" in row else "", **row)),
@@ -422,12 +437,17 @@ class MasterCore:
         return Publish(self.topics.master("instruction"), M.INSTRUCTION, instruction_body(self.cfg, self.run),
                        retain=True)
 
-    def _model_body(self) -> dict[str, Any]:
-        return {"run": self.run, **self.store.body()}
+    def _direct_model(self, name: str) -> Publish:
+        """The model devices hold now, for one slave (after enrollment, or back online)."""
+        version, _ = self.publisher.held()
+        return Publish(self.topics.direct(name), M.MODEL, self.publisher.model_body(self.run), version=version)
 
     def _model_effect(self) -> Publish:
-        return Publish(self.topics.master("model"), M.MODEL, self._model_body(), version=self.version,
-                       round=self.round_number, retain=True)
+        return self.publisher.retained(self.run, self.round_number)
+
+    def note_published(self, kind: str, nbytes: int) -> None:
+        """The shell reports what a `Publish` cost on the wire (envelope and chunks included)."""
+        self.traffic.sent(kind, nbytes)
 
     def _announce(self, now: float) -> Publish:
         return self.rounds.announce(now, self.version, self.run)

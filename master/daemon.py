@@ -31,6 +31,7 @@ from fedmq.common.errors import ConfigError, ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.keys import KeyRing, load_identity, public_key_from_raw
 from fedmq.common.modelspec import build_model
+from fedmq.common.privacy import epsilon_spent
 from fedmq.common.shell import HEARTBEAT_FILE, GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
 from fedmq.common.topics import master_client_id, split_chunk_topic
 from fedmq.common.workload import data_misfit, evaluate, load_local_data
@@ -76,6 +77,8 @@ class MasterDaemon:
         if cfg.enrollment == "open":
             self.log.warning("enrollment mode 'open': any key that confirms is trusted (demos only)")
         model = build_model(cfg.model)
+        if cfg.privacy is not None:
+            epsilon_spent(cfg.privacy.noise_multiplier, 1.0, 1, cfg.privacy.delta)  # the accountant is installed
         self.core = MasterCore(cfg, model, make_job_strategy(cfg), evaluate=_evaluator(cfg), timer=time.perf_counter,
                                run=uuid.uuid4().hex[:12])
         inbox = Inbox(ring, cfg.job, self_signed=M.SELF_SIGNED_KINDS)
@@ -221,7 +224,7 @@ class MasterDaemon:
     def _publish(self, fx: Publish) -> None:
         if self.journal.dirty:  # durable before acted on: what the journal holds is on disk before anything goes out
             self.acks.commit()
-        self.shell.publish(fx, self._now)
+        self.core.note_published(fx.kind, self.shell.publish(fx, self._now))
 
     def _publish_json(self, fx: PublishJson) -> None:
         self.shell.publish_json(fx)

@@ -46,6 +46,11 @@ def status_document(core: MasterCore, now: float) -> dict[str, Any]:
         "clipped": dict(sorted(core.intake.clipped.items())),
         "discarded": core.discarded,
         "duplicates": core.duplicates,
+        "traffic": core.traffic.total,
+        **({"privacy": {**core.cfg.privacy.to_wire(), "epsilon": core.history[-1].get("epsilon", 0.0)
+                        if core.history else 0.0}} if core.cfg.privacy is not None else {}),
+        "downlink": {"keyframes": core.publisher.keyframes_sent, "deltas": core.publisher.deltas_sent,
+                     "drift": round(core.publisher.drift(), 6)},
         "updated": round(now, 3),
     }
 
@@ -60,6 +65,31 @@ def metrics_row(rnd: RoundState, version: int, bytes_in: Mapping[str, int], now:
         "bytes_up": rnd.bytes_up,
         "bytes_down": sum(max(0, bytes_in[n] - base) for n, base in rnd.bytes_down_base.items()),
     }
+
+
+class Traffic:
+    """Bytes on the wire by direction and message kind (envelope and chunks included):
+    received as verified, and published as the shell reports them (one copy: the broker
+    fans it out to every subscriber). Cumulative for the status, per version for the metrics."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, dict[str, int]] = {"up": {}, "down": {}}
+        self._round: dict[str, dict[str, int]] = {"up": {}, "down": {}}
+
+    def _add(self, direction: str, kind: str, nbytes: int) -> None:
+        for book in (self.total, self._round):
+            book[direction][kind] = book[direction].get(kind, 0) + nbytes
+
+    def received(self, kind: str, nbytes: int) -> None:
+        self._add("up", kind, nbytes)
+
+    def sent(self, kind: str, nbytes: int) -> None:
+        self._add("down", kind, nbytes)
+
+    def take_round(self) -> dict[str, dict[str, int]]:
+        """What went by since the last version (and start counting the next one)."""
+        taken, self._round = self._round, {"up": {}, "down": {}}
+        return taken
 
 
 class StatusBoard:
