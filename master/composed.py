@@ -49,6 +49,9 @@ class ComposedMaster:
     def tick(self, now: float) -> list[Effect]:
         return self._after(self.master.tick(now), now)
 
+    def note_published(self, kind: str, nbytes: int) -> None:
+        self.master.note_published(kind, nbytes)
+
     def replay(self, record: Mapping[str, Any]) -> None:
         self.master.replay(record)
 

@@ -41,6 +41,7 @@ from fedmq.common.jobconfig import JobConfig
 from fedmq.common.shardconfig import ShardSettings
 from fedmq.common.strategies import ClientUpdate, FedOpt, Strategy
 from fedmq.common.topics import PARTIAL
+from fedmq.common.update_safety import capped_weight
 
 from .composed import ComposedMaster
 from .core import MasterCore
@@ -134,6 +135,7 @@ class RootCore(ComposedMaster):
         self.shard = shard
         self.workers = frozenset(shard.workers)
         self.owner: dict[str, str] = {}  # update id -> the worker that holds it (open round)
+        self._replayed: list[Mapping[str, Any]] = []  # journaled tallies, counted again when the round opens
         self._collects = 0
 
     # ------------------------------------------------------------ entry points
@@ -158,14 +160,42 @@ class RootCore(ComposedMaster):
         return self._after(fx + self.master.tick(now), now)
 
     def replay(self, record: Mapping[str, Any]) -> None:
+        """A journaled record after a restart: tallies are this part's (counted again in
+        `start`), enrollments the master's."""
         if "worker" in record:
-            self.owner[record["update_id"]] = record["worker"]
-        self.master.replay(record)
+            self._replayed.append(record)
+        else:
+            self.master.replay(record)
+
+    def start(self, now: float) -> list[Effect]:
+        fx = self.master.start(now)
+        if self._recount():  # the round announced lists them as received: announce it again, after
+            fx = [f for f in fx if not (isinstance(f, Publish) and f.kind == M.ROUND)]
+            fx.append(self.master.rounds.announce(now, self.master.version, self.master.run))
+        return self._after(fx, now)
+
+    def _recount(self) -> int:
+        """Count the journaled tallies of the round in progress in the round the master
+        opened after a restart (they were acknowledged and journaled before)."""
+        rnd, version = self.master.round, self.master.version
+        if rnd is None or not self._replayed:
+            return 0
+        replayed, self._replayed = self._replayed, []
+        counted = 0
+        for rec in replayed:
+            if rec["version"] == version and rec["round"] == rnd.number and rec["update_id"] not in rnd.updates \
+                    and self.master.registry.enrolled(rec["sender"]):
+                body = rec["body"]
+                self._hold(rnd, rec["worker"], rec["update_id"], rec["sender"], body["kind"], body["samples"],
+                           rec["bytes"], version)
+                counted += 1
+        return counted
 
     def _after(self, fx: list[Effect], now: float) -> list[Effect]:
         rnd = self.master.round
         if rnd is None or self.master.phase.finished or self.schedule.collecting(rnd):
             return fx
+        self._recount()  # (no round opened at start: the first one that does)
         if self.owner.keys() - rnd.updates.keys():  # a new round: forget who held the last one's updates
             self.owner = {u: w for u, w in self.owner.items() if u in rnd.updates}
         if self.schedule.tallied(rnd, self.master.registry.is_online):
@@ -217,15 +247,21 @@ class RootCore(ComposedMaster):
             why = f"{e.sender} is not enrolled"
         if why is not None:
             return [Log("info", f"update {e.update_id} tallied by {worker} not counted: {why}")]
-        update = ClientUpdate(e.sender, e.kind, {}, e.samples, version)
-        body = {"kind": e.kind, "base_version": version, "samples": e.samples, "tensors": {}}
+        body = {"kind": e.kind, "base_version": version, "samples": e.samples}
         record = {"update_id": e.update_id, "sender": e.sender, "round": rnd.number, "version": version,
                   "bytes": e.bytes, "worker": worker}
-        rnd.count(e.update_id, update, e.bytes)
-        self.owner[e.update_id] = worker
+        self._hold(rnd, worker, e.update_id, e.sender, e.kind, e.samples, e.bytes, version)
         slave = self.master.registry.slaves[e.sender]
         slave.online, slave.last_seen = True, now
         return [Journal(record, cbor2.dumps(body))]
+
+    def _hold(self, rnd: RoundState, worker: str, uid: str, sender: str, kind: str, samples: int, nbytes: int,
+              version: int) -> None:
+        """Count one update a worker holds; its weight is capped as the master caps an
+        update's (by what its slave declared at enrollment, and the job's max_weight)."""
+        weight = capped_weight(samples, self.master.registry.slaves[sender].samples, self.master.intake.max_weight)
+        rnd.count(uid, ClientUpdate(sender, kind, {}, samples, version, weight=weight), nbytes)
+        self.owner[uid] = worker
 
     def _on_partial(self, worker: str, msg: Received, now: float) -> list[Effect]:
         rnd, c, m = self.master.round, self.schedule.collection, msg.manifest

@@ -32,9 +32,8 @@ from fedmq.common.effects import Ack, Checkpoint, Effect, Journal, Log, Publish
 from fedmq.common.errors import ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.strategies import ClientUpdate, FedOpt
-from fedmq.common.tensors import decode_state_dict
 
-from .intake import Refusal, screen_update
+from .intake import Refusal, UpdateIntake
 from .ledger import UpdateLedger
 from .modelstore import ModelStore
 from .partial import PartialSum, Tallied, parse_weights, partial_body, same_weights, weighted_step
@@ -68,6 +67,10 @@ class WorkerCore:
         self.store.version = -1
         self.schedule = SyncRounds(strategy, cfg.policy)
         self.ledger = UpdateLedger()  # stays empty: what a worker holds is in `round.updates`
+        # the master's checks, bounds and caps; not the cap by what a slave declared at
+        # enrollment, which only the root knows: its collect says the weights to use
+        self.intake = UpdateIntake(self.store, self.ledger, self.schedule, max_update_norm=strategy.max_update_norm,
+                                   max_weight=strategy.max_weight)
         self.run: str | None = None
         self.round: RoundState | None = None
         self.sum = PartialSum.zeros_like(self.store.params)
@@ -101,10 +104,8 @@ class WorkerCore:
         """An update journaled before a restart: held and summed again (acknowledged before)."""
         if self.round is None or record.get("run") != self.run or record.get("version") != self.version:
             return
-        body = record["body"]
         try:
-            update = ClientUpdate(record["sender"], body["kind"], decode_state_dict(body["tensors"]),
-                                  body["samples"], body["base_version"])
+            update = self.intake.to_update(record["sender"], record["body"], None)
         except ProtocolError:
             return  # cannot happen for what this worker journaled; never fatal
         self._hold(record["update_id"], update, record["bytes"])
@@ -194,8 +195,7 @@ class WorkerCore:
             if len(self.early) < EARLY_MAX:  # its round is not known here yet
                 self.early.append(_Early(msg, token, now))
                 return []
-        verdict = screen_update(msg, rnd, rnd.number if rnd else 0, ledger=self.ledger, schedule=self.schedule,
-                                store=self.store)
+        verdict = self.intake.screen(msg, rnd, rnd.number if rnd else 0, declared_samples=None)
         uid = msg.body["update_id"]
         if isinstance(verdict, ClientUpdate) and verdict.kind == "student":
             verdict = Refusal(f"student update {uid} from {msg.sender} refused: a sharded job takes deltas and "
@@ -244,9 +244,7 @@ class WorkerCore:
         for record in self.reread():
             uid = record.get("update_id")
             if uid in want and uid not in total.weights and record.get("version") == self.version:
-                body = record["body"]
-                update = ClientUpdate(record["sender"], body["kind"], decode_state_dict(body["tensors"]),
-                                      body["samples"], body["base_version"])
+                update = self.intake.to_update(record["sender"], record["body"], None)
                 total.add(uid, weighted_step(update, self.store.params, self.strategy), want[uid])
         if total.weights.keys() != want.keys():
             raise RuntimeError(f"journal lacks {sorted(want.keys() - total.weights.keys())[:3]} it holds")

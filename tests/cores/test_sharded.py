@@ -213,7 +213,8 @@ def test_what_cannot_be_sharded_is_refused(tmp_path):
     check_shardable(cfg, make_job_strategy(cfg))
     for over, match in [({"strategy": {"name": "fedavg", "rule": "median"}}, "not a sum"),
                         ({"strategy": {"name": "fedavg", "rule": "trimmed_mean"}}, "not a sum"),
-                        ({"strategy": {"name": "fedavg", "rule": "krum", "krum_f": 1}}, "not a sum"),
+                        ({"strategy": {"name": "fedavg", "rule": "krum", "krum_f": 1}, "policy": {"min_updates": 5}},
+                         "not a sum"),
                         ({"strategy": {"name": "fedbuff"}}, "asynchronous"),
                         ({"strategy": {"name": "fedasync"}}, "asynchronous"),
                         ({"update": "student"}, "student"),
@@ -286,3 +287,35 @@ def test_a_worker_that_never_comes_back_costs_time_not_the_job(tmp_path):
     assert bus.finished and root.version == 4
     logs = [fx.message for fx in bus.effects["master"] if isinstance(fx, Log)]
     assert any("no partial sum from w1" in m for m in logs), logs[-20:]
+
+
+def test_the_root_restarted_mid_round_counts_its_journaled_tallies_again(tmp_path):
+    bus = build(tmp_path, 4, sharded=True, train_time={i: 1.0 + i for i in range(4)}, policy={"min_slaves": 4})
+    root = bus.nodes["master"].core
+    while not (root.version == 1 and root.round is not None and len(root.round.updates) >= 2):
+        bus.advance(bus.now + 0.25, step=0.25)
+    tallied = set(root.round.updates)
+    # the root process dies: a new one from its checkpoint and journal
+    state = [fx.state for fx in bus.effects["master"] if isinstance(fx, Checkpoint)][-1]
+    records, fx_list = [], bus.effects["master"]
+    last = max(i for i, fx in enumerate(fx_list) if isinstance(fx, Checkpoint))
+    records = [{**fx.record, "body": loads(fx.raw_body)} for fx in fx_list[last:] if isinstance(fx, Journal)]
+    cfg = bus.cfg
+    strategy = make_job_strategy(cfg)
+    new = RootCore(MasterCore(cfg, build_model(cfg.model), strategy, schedule=ShardedRounds(strategy, cfg.policy),
+                              run=root.master.run), cfg.shard)
+    new.restore(state)
+    for record in records:
+        new.replay(record)
+    bus.nodes["master"].core = new
+    sent_before = sum(isinstance(fx, Publish) and fx.kind == M.UPDATE for n in bus.nodes for fx in bus.effects[n])
+    start = new.start(bus.now)
+    announces = [fx for fx in start if isinstance(fx, Publish) and fx.kind == M.ROUND]
+    assert len(announces) == 1 and tallied <= {f"{s}/2/1" for s in announces[0].body["received"]}
+    bus.run("master", start)
+    bus.pump()
+    sent_after = sum(isinstance(fx, Publish) and fx.kind == M.UPDATE for n in bus.nodes for fx in bus.effects[n])
+    assert sent_after == sent_before, "no slave sends again what a worker holds and the root journaled"
+    bus.advance(bus.now + 200, step=0.25)
+    assert bus.finished and new.version == 4 and [r["updates"] for r in new.history[-3:]] == [4, 4, 4]
+    assert tallied <= set(new.history[-3]["update_ids"])
