@@ -1,0 +1,1 @@
+"""fedmq.relay: a site aggregator, master of its devices and slave of an upstream job."""
