@@ -346,3 +346,104 @@ log_type information
 connection_messages true
 log_timestamp true
 """
+
+
+# ------------------------------------------------------------------ bridge
+
+@dataclass(frozen=True)
+class RelayBridge:
+    """A site broker's bridge to the central broker, for one relay of one upstream job.
+
+    The bridge logs in to the central broker as the relay's own slave account
+    (`RELAY@JOB`) and carries exactly what that account may use, derived from
+    `TOPIC_ROLES`: the job's broadcasts and the relay's inbox in, the relay's own
+    confirm, update and presence out. ``tls`` off is for tests on loopback only.
+    """
+
+    job: str
+    relay: str
+    remote: tuple[str, int]
+    prefix: str = DEFAULT_PREFIX
+    tls: bool = True
+    cafile: str | None = None  # the central broker's CA on the site host; None: the system's CAs
+    certfile: str | None = None  # a client certificate, if the central broker asks for one
+    keyfile: str | None = None
+    password: str | None = None  # the relay account's password (None: a placeholder line to fill in)
+
+    def __post_init__(self) -> None:
+        Topics(self.job, self.prefix)
+        check_id(self.relay, "relay id")
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ConfigError("a bridge client certificate needs both its certificate and its key")
+
+    @property
+    def account(self) -> str:
+        return slave_client_id(self.relay, self.job)
+
+    def topics(self) -> list[tuple[str, str]]:
+        """(filter, "in" | "out") for every topic the relay's account reads or writes."""
+        topics = Topics(self.job, self.prefix)
+        out = []
+        for role in TOPIC_ROLES:
+            if role.sharded:
+                continue
+            own = self.relay if role.owner == SLAVE else None
+            if SLAVE in role.readers:
+                out.append((_filter(topics, role, own), "in"))
+            if role.writer == SLAVE:
+                out.append((_filter(topics, role, own), "out"))
+        return out
+
+
+def render_bridge(bridge: RelayBridge) -> str:
+    """The `connection` stanza to add to the site broker's mosquitto.conf (Mosquitto 2.0+)."""
+    host, port = bridge.remote
+    base = Topics(bridge.job, bridge.prefix).base
+    if not bridge.tls:
+        security = "# No TLS: for a test on one machine only."
+    else:
+        trust = (f"bridge_cafile {bridge.cafile}" if bridge.cafile else
+                 "# The system's CAs verify the central broker (or: bridge_cafile PATH-OF-ITS-CA.crt)\n"
+                 "bridge_capath /etc/ssl/certs")
+        cert = (f"\nbridge_certfile {bridge.certfile}\nbridge_keyfile {bridge.keyfile}" if bridge.certfile else "")
+        security = f"{trust}{cert}\nbridge_tls_version tlsv1.2\nbridge_insecure false"
+    password = (f"remote_password {bridge.password}" if bridge.password is not None else
+                f"# remote_password THE-PASSWORD-OF-{bridge.account}   (passwords/{bridge.account} of the central "
+                f"broker's `fedmq broker config`)")
+    lines = "\n".join(f"topic {f} {direction} 1" for f, direction in bridge.topics())
+    return f"""\
+# Mosquitto bridge (Mosquitto 2.0+): this site broker <-> the central broker, for relay
+# {bridge.relay!r} of fedmq job {bridge.job!r} (topics below {base}/). Written by
+# `fedmq broker bridge`; docs/OPERATIONS.md section 14 describes the layout. Append it
+# to the site broker's mosquitto.conf (or put it in a file of its include_dir) and
+# restart that broker.
+#
+# The bridge logs in to the central broker as the relay's own slave account,
+# {bridge.account} (user name and client id), so the central broker's ACL (`fedmq broker
+# config --slaves ...,{bridge.relay}`) already says what may cross, and these topic lines
+# carry exactly that: the job's broadcasts and the relay's inbox in, its confirm,
+# update and presence out. Topics are not renamed: every message keeps its end-to-end
+# signature (the topic is signed), so a bridge can delay or drop a message, never
+# forge one. The retained instruction and model reach the site once, however many
+# devices read them there.
+connection fedmq-{bridge.job}-{bridge.relay}
+address {host}:{port}
+# MQTT 3.1.1 between the brokers: with cleansession false its session on the central
+# broker lasts (persistent_client_expiration there), and Mosquitto passes retained
+# messages on to a bridge with their retain flag, so the site keeps the model retained.
+bridge_protocol_version mqttv311
+remote_clientid {bridge.account}
+remote_username {bridge.account}
+{password}
+{security}
+# Keep the bridge's session on the central broker: QoS 1 messages for the site wait
+# there while the link is down, and are delivered when it comes back.
+cleansession false
+try_private true
+local_clientid fedmq-bridge-{bridge.job}-{bridge.relay}
+# No $SYS notifications: the relay's account may not publish them.
+notifications false
+keepalive_interval 60
+restart_timeout 5 60
+{lines}
+"""

@@ -16,6 +16,7 @@ from .decode import decode
 from .demo import demo
 from .keys import keys
 from .monitor import monitor
+from .relay import relay
 from .run import master, slave
 from .status import status
 from .worker import worker
@@ -36,3 +37,4 @@ main.add_command(monitor)
 main.add_command(broker)
 main.add_command(status)
 main.add_command(worker)
+main.add_command(relay)

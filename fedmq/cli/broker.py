@@ -8,9 +8,10 @@ import click
 
 from fedmq.brokerdir import FORCE, NEW, UPDATE, write_broker_dir
 from fedmq.common.topics import DEFAULT_PREFIX
-from fedmq.mosquitto_files import CLIENT_AUTH, DEFAULT_MONITOR, BrokerLayout, JobAccounts
+from fedmq.mosquitto_files import CLIENT_AUTH, DEFAULT_MONITOR, BrokerLayout, JobAccounts, RelayBridge, render_bridge
 
 from .errors import user_errors
+from .options import HOST_PORT
 
 
 @click.group()
@@ -83,3 +84,38 @@ def config(job: str, slaves: tuple[str, ...], workers: tuple[str, ...], prefix: 
     if outcome.kept:
         click.echo(f"kept {len(outcome.kept)} existing secret and certificate files")
     click.echo(f"next: {out / 'README.txt'} says how to install them")
+
+
+@broker.command("bridge")
+@click.option("--job", required=True, help="The upstream (central) job id.")
+@click.option("--relay", required=True, help="The relay's id in that job (its slave id there).")
+@click.option("--remote", required=True, type=HOST_PORT, metavar="HOST:PORT",
+              help="The central broker's TLS listener, as the site broker reaches it.")
+@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="Topic prefix of the upstream job.")
+@click.option("--ca", "cafile", metavar="PATH",
+              help="The central broker's CA certificate, as a path on the site broker's host "
+                   "(default: the system's CAs).")
+@click.option("--cert", "certfile", metavar="PATH", help="A client certificate for the central broker (with --key).")
+@click.option("--key", "keyfile", metavar="PATH", help="Its key.")
+@click.option("--password-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The relay account's password on the central broker, embedded in the output "
+                   "(which is then written with mode 0600).")
+@click.option("--plain", is_flag=True, help="No TLS: only for brokers on one machine (tests).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here instead of standard output.")
+@user_errors
+def bridge(job: str, relay: str, remote: tuple[str, int], prefix: str, cafile: str | None, certfile: str | None,
+           keyfile: str | None, password_file: Path | None, plain: bool, out: Path | None) -> None:
+    """Write the Mosquitto bridge a site broker needs for a relay of an upstream job.
+
+    The stanza goes into the site broker's mosquitto.conf; the bridge logs in to the
+    central broker as the relay's own account (RELAY@JOB) and carries exactly its
+    topics (docs/OPERATIONS.md section 14)."""
+    password = password_file.read_text().strip() if password_file else None
+    text = render_bridge(RelayBridge(job, relay, remote, prefix, tls=not plain, cafile=cafile, certfile=certfile,
+                                     keyfile=keyfile, password=password))
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    out.write_text(text)
+    out.chmod(0o600 if password is not None else 0o644)
+    click.echo(f"wrote   {out}")

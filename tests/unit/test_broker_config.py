@@ -27,6 +27,8 @@ from fedmq.mosquitto_files import BrokerLayout, JobAccounts, passwd_entry, rende
 
 BROKER_CFG = Path(__file__).resolve().parents[2] / "broker_cfg"
 EXAMPLE_ARGS = ["--job", "digits", "--slaves", "slave-01,slave-02,slave-03", "--host", "broker.example.org"]
+BRIDGE_ARGS = ["--job", "digits", "--relay", "site-a", "--remote", "central.example.org:8883",
+               "--ca", "/etc/mosquitto/certs/central-ca.crt"]
 
 
 def run(*args: str):
@@ -317,4 +319,8 @@ def test_shipped_examples_are_the_generators_output(tmp_path):
     for name in ("mosquitto.conf", "fedmq.acl", "README.txt"):
         assert (BROKER_CFG / name).read_text() == (tmp_path / name).read_text(), (
             f"broker_cfg/{name} is stale: fedmq broker config {' '.join(EXAMPLE_ARGS)} --out DIR")
-    assert sorted(p.name for p in BROKER_CFG.iterdir()) == ["README.txt", "fedmq.acl", "mosquitto.conf"]
+    bridge = CliRunner().invoke(main, ["broker", "bridge", *BRIDGE_ARGS])
+    assert bridge.exit_code == 0 and (BROKER_CFG / "bridge-site.conf").read_text() == bridge.output, (
+        f"broker_cfg/bridge-site.conf is stale: fedmq broker bridge {' '.join(BRIDGE_ARGS)} > FILE")
+    assert sorted(p.name for p in BROKER_CFG.iterdir()) == ["README.txt", "bridge-site.conf", "fedmq.acl",
+                                                            "mosquitto.conf"]
