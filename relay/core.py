@@ -50,8 +50,8 @@ from fedmq.slave.trainer import LocalResult
 
 Params = dict[str, torch.Tensor]
 # Devices enrolling one after the other change the samples the relay declares upstream;
-# each new confirm costs the upstream master a model sent to the relay, so after the
-# first (which enrolls the relay) the new sum goes upstream at most once per this.
+# each new confirm costs the upstream master a model sent to the relay, so the first
+# waits until the site would start its rounds, and later ones go at most once per this.
 DECLARE_SECONDS = 30.0
 
 
@@ -184,11 +184,20 @@ class RelayCore(ComposedMaster):
         if task is not None and task.requested and not task.sent and self._due():
             fx = fx + self._exchange(now)
         samples = self.devices_samples()
-        if samples != self.up.samples and (not self.up.enrolled or now - self._declared_at >= DECLARE_SECONDS):
+        if samples != self.up.samples and (now - self._declared_at >= DECLARE_SECONDS if self.up.enrolled
+                                           else self._site_ready(now)):
             self._declared_at = now
             fx = fx + [Log("info", f"the devices' samples are now {samples}: confirming upstream again")] \
                 + self._from_up(self.up.on_samples(samples, now), now)
         return [self._with_task(f) for f in fx]
+
+    def _site_ready(self, now: float) -> bool:
+        """Whether the site would start its first round: the relay confirms upstream only
+        then, with the samples of the devices it will train with (the upstream master
+        caps an update's weight by what its sender declared)."""
+        policy, started = self.master.cfg.policy, self.master.started_at
+        enrolled = sum(1 for s in self.master.slaves.values() if s.enrolled)
+        return enrolled >= policy.min_slaves or (started is not None and now - started >= policy.start_wait)
 
     def _exchange(self, now: float) -> list[Effect]:
         task = self.task
