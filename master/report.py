@@ -37,7 +37,9 @@ def status_document(core: MasterCore, now: float) -> dict[str, Any]:
         "received": sorted(u.sender for u in rnd.updates.values()) if rnd else [],
         "deadline": rnd.deadline if rnd else None,
         "last_accuracy": core.history[-1].get("accuracy") if core.history else None,
-        "slaves": {n: {"enrolled": s.enrolled, "online": s.online, "samples": s.samples,
+        # once finished, the master stops following presence: "online" would go stale
+        "slaves": {n: {"enrolled": s.enrolled, "online": None if core.phase.finished else s.online,
+                       "samples": s.samples,
                        **({"declined": _text(s.declined)} if s.declined else {})}
                    for n, s in sorted(core.slaves.items()) if s.enrolled or s.declined or s.online},
         "not_enrolled": {n: _text(why) for n, why in ignored[:MAX_LISTED]},
