@@ -3,6 +3,7 @@
     python bench/ingest.py                 # all sizes x modes, about 3 minutes
     python bench/ingest.py --only 1m:dense --profile   # one configuration, with py-spy
     python bench/ingest.py --smoke         # seconds: tiny model, a few updates
+    python bench/ingest.py --only 1m:dense --workers 2   # sharded: root + 2 aggregator workers
 
 For models of 10 K, 100 K, 1 M and 10 M parameters (MLPs), and updates sent dense
 (float32), top-1 % sparse (`coo`, int32 indices + float32 values) or int8-quantized
@@ -31,6 +32,16 @@ For models of 10 K, 100 K, 1 M and 10 M parameters (MLPs), and updates sent dens
   (bench/_ingest_floor.py): what paho-mqtt and the broker cost before the master does
   anything. `limit_ratio_lower_bound` = (broker CPU + floor client CPU + limit) /
   cores / limit: the least ratio any master on paho could reach on this machine.
+
+With `--workers N` (N >= 1) the broker run is a sharded job (`[shard]`, docs/OPERATIONS.md
+section 13): N worker processes (`fedmq worker`) take the updates through an MQTT
+shared subscription, each verifying, journaling and summing its share, and the master
+(the root) combines their N partial sums per round. Updates are then sealed as one MQTT
+message each (what a sharded job asks its slaves for; the broker's max_packet_size is
+raised to fit), the in-process harness and the transport floor are skipped, and
+`cpu_ms_per_update` counts the root and every worker; `root_merge_ms` is the root's
+time per round to add the partial sums and step (the metrics' `aggregation_seconds`;
+with no workers, the master's FedAvg over the round's updates).
 
 The master's journal and checkpoint live in a temporary directory on the disk that
 holds /tmp (use --state-dir to choose); the 1 M dense case is also run with them on
@@ -90,7 +101,10 @@ SMOKE_PLAN = {"10k": (3, 3)}
 # ---------------------------------------------------------------- helpers
 
 
-def job_table(size: str, k: int, rounds: int, state_dir: Path, keys: Path, broker: dict[str, Any]) -> dict:
+def job_table(size: str, k: int, rounds: int, state_dir: Path, keys: Path, broker: dict[str, Any],
+              workers: int = 0) -> dict:
+    shard = {"shard": {"workers": [f"w{i}" for i in range(workers)], "keys": str(keys / "workers"),
+                       "master_pub": str(keys / "master.pub")}} if workers else {}
     return {
         "job": {"id": JOB, "rounds": rounds, "task": JOB, "update": "delta"},
         "model": model_spec(size),
@@ -100,12 +114,15 @@ def job_table(size: str, k: int, rounds: int, state_dir: Path, keys: Path, broke
         "enrollment": {"mode": "allowlist", "keys": str(keys / "allowlist")},
         "master": {"key": str(keys / "master.key"), "state_dir": str(state_dir)},
         "broker": broker,
+        **shard,
     }
 
 
-def make_keys(root: Path, k: int) -> list[Identity]:
+def make_keys(root: Path, k: int, workers: int = 0) -> list[Identity]:
     (root / "allowlist").mkdir(parents=True, exist_ok=True)
     write_identity(Identity.generate("master"), root, overwrite=True)
+    for i in range(workers):
+        write_identity(Identity.generate(f"w{i}"), root / "workers", overwrite=True)
     idents = []
     for i in range(k):
         ident = Identity.generate(f"pub-{i:03d}")
@@ -252,10 +269,12 @@ def in_process(size: str, mode: str, k: int, rounds: int, state_dir: Path,
 class Watch:
     """Metrics JSON of the master (as mosquitto_sub would see it), plus CPU/RSS samples."""
 
-    def __init__(self, broker: BrokerConfig, master: psutil.Process, mosquitto: psutil.Process) -> None:
+    def __init__(self, broker: BrokerConfig, master: psutil.Process, mosquitto: psutil.Process,
+                 workers: list[psutil.Process] | None = None) -> None:
         self.rows: list[dict[str, Any]] = []
-        self.master, self.mosquitto = master, mosquitto
-        self.samples: list[tuple[float, float, float, int]] = []  # (time, master cpu, broker cpu, master rss)
+        self.master, self.mosquitto, self.workers = master, mosquitto, workers or []
+        # (time, master cpu, broker cpu, master rss, all workers' cpu)
+        self.samples: list[tuple[float, float, float, int, float]] = []
         self.done = threading.Event()
         self.rounds = 0
         self.transport = Transport(broker, f"ingest-watch-{os.getpid()}", self._on, clean_start=True)
@@ -269,9 +288,10 @@ class Watch:
             m = self.master.cpu_times()
             rss = self.master.memory_info().rss
             b = self.mosquitto.cpu_times()
+            w = sum(t.user + t.system for t in (p.cpu_times() for p in self.workers))
         except psutil.Error:
             return
-        self.samples.append((time.monotonic(), m.user + m.system, b.user + b.system, rss))
+        self.samples.append((time.monotonic(), m.user + m.system, b.user + b.system, rss, w))
 
     def _on(self, msg: Inbound) -> None:
         try:
@@ -299,20 +319,43 @@ def _python_child(proc: subprocess.Popen, timeout: float = 10.0) -> psutil.Proce
     return p
 
 
+def start_workers(n: int, job: Path, work: Path, env: dict[str, str], timeout: float) -> list[subprocess.Popen]:
+    """N aggregator workers of the job, returned once each is connected to the broker."""
+    procs = []
+    for i in range(n):
+        log = open(work / f"worker-{i}.log", "wb")
+        procs.append(subprocess.Popen([sys.executable, "-m", "fedmq", "worker", "-c", str(job), "--id", f"w{i}"],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT))
+        log.close()
+    deadline = time.monotonic() + timeout
+    for i, p in enumerate(procs):
+        while "connected to broker" not in (work / f"worker-{i}.log").read_text(errors="replace"):
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker w{i} did not connect:\n" + (work / f"worker-{i}.log").read_text()[-2000:])
+            time.sleep(0.1)
+    return procs
+
+
 def broker_run(size: str, mode: str, k: int, rounds: int, work: Path, state_dir: Path, *,
                publishers: int, timeout: float, profile: Path | None = None,
-               chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, Any]:
+               chunk_size: int = DEFAULT_CHUNK_SIZE, workers: int = 0) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     keys = work / "keys"
-    idents = make_keys(keys, k)
-    broker = start_broker("mosquitto", data_dir=work / "broker")
+    idents = make_keys(keys, k, workers)
+    # a sharded job's updates are whole MQTT messages: the broker must take one (MQTT's largest)
+    broker = start_broker("mosquitto", data_dir=work / "broker",
+                          extra_conf="max_packet_size 268435455" if workers else "")
     procs: list[subprocess.Popen] = []
     watch = None
     try:
         settings = broker.settings
         job = work / "job.toml"
-        job.write_text(to_toml(job_table(size, k, rounds, state_dir, keys, settings)))
+        job.write_text(to_toml(job_table(size, k, rounds, state_dir, keys, settings, workers)))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        worker_procs = start_workers(workers, job, work, env, timeout) if workers else []
+        procs += worker_procs
+        if workers:
+            chunk_size = 1 << 30  # one message per update: each goes to one worker of the shared subscription
         groups = [idents[i::publishers] for i in range(publishers)]
         pub_cfgs = []
         for n, group in enumerate(groups):
@@ -330,15 +373,18 @@ def broker_run(size: str, mode: str, k: int, rounds: int, work: Path, state_dir:
         mlog = open(work / "master.log", "wb")
         master = subprocess.Popen(argv, stdout=mlog, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         procs.append(master)
-        watch = Watch(broker.broker_config(), _python_child(master), psutil.Process(broker.pid))
+        watch = Watch(broker.broker_config(), _python_child(master), psutil.Process(broker.pid),
+                      [psutil.Process(p.pid) for p in worker_procs])
         watch.rounds = rounds
+        pubs = []
         for c in pub_cfgs:
-            procs.append(subprocess.Popen([sys.executable, str(HERE / "_ingest_pub.py"), str(c)],
-                                          stdout=subprocess.PIPE, stderr=open(work / f"{c.stem}.log", "wb"),
-                                          env=env, cwd=ROOT))
+            pubs.append(subprocess.Popen([sys.executable, str(HERE / "_ingest_pub.py"), str(c)],
+                                         stdout=subprocess.PIPE, stderr=open(work / f"{c.stem}.log", "wb"),
+                                         env=env, cwd=ROOT))
+        procs += pubs
         watch.done.wait(timeout)
         pub_stats = []
-        for p in procs[1:]:
+        for p in pubs:
             try:
                 out, _ = p.communicate(timeout=max(5.0, timeout / 4))
                 pub_stats.append(json.loads(out.decode().strip().splitlines()[-1]))
@@ -358,9 +404,14 @@ def broker_run(size: str, mode: str, k: int, rounds: int, work: Path, state_dir:
         n = sum(r["updates"] for r in steady)
         s = watch.samples
         first, last = s[0], s[-1]  # CPU at the end of round 1 and of the last round
+        merges = [r["aggregation_seconds"] for r in steady]
         return {
             "updates": n, "seconds": seconds, "updates_per_s": n / seconds if seconds else None,
             "bytes_per_update": steady[-1]["bytes_up"] / steady[-1]["updates"],
+            "workers": workers,
+            "cpu_ms_per_update": 1e3 * (last[1] - first[1] + last[4] - first[4]) / n,  # master (root) + workers
+            "workers_cpu_per_update_ms": 1e3 * (last[4] - first[4]) / n,
+            "root_merge_ms": 1e3 * sum(merges) / len(merges),
             "master_cpu_per_update_ms": 1e3 * (last[1] - first[1]) / n,
             "broker_cpu_per_update_ms": 1e3 * (last[2] - first[2]) / n,
             "master_cpu_share": (last[1] - first[1]) / (last[0] - first[0]) if last[0] > first[0] else None,
@@ -475,7 +526,11 @@ def main() -> None:
     ap.add_argument("--no-floor", action="store_true", help="skip the transport floor (receive-and-ack only)")
     ap.add_argument("--profile", action="store_true", help="also run 1m:dense under py-spy and summarize")
     ap.add_argument("--timeout", type=float, default=600.0, help="per broker run, seconds")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="aggregator workers of a sharded job (0: one master takes every update)")
     args = ap.parse_args()
+    if args.workers:  # what a sharded run measures: the broker run only (see the module docstring)
+        args.no_in_process = args.no_floor = args.no_extra = True
 
     def terminate(*_a: Any) -> None:  # run the cleanup below (brokers, processes) on SIGTERM too
         raise SystemExit(143)
@@ -491,7 +546,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fedmq-ingest-"))
     state_base = args.state_dir or tmp
     results: list[dict[str, Any]] = []
-    figures: dict[str, Any] = {"dense_1m_updates_per_s": None, "dense_1m_limit_ratio": None}
+    figures: dict[str, Any] = {"dense_1m_updates_per_s": None, "dense_1m_limit_ratio": None,
+                               "workers": args.workers, "cpu_ms_per_update": None, "root_merge_ms": None}
     load0 = os.getloadavg()
     profile_summary = None
     try:
@@ -500,7 +556,7 @@ def main() -> None:
             runs.append(("1m", "dense", "tmpfs"))
         for n, (size, mode, where) in enumerate(runs):
             k, rounds = plan.get(size, PLAN.get(size, (4, 3)))
-            payloads = one_update_payloads(size, mode, args.chunk_size)
+            payloads = one_update_payloads(size, mode, 1 << 30 if args.workers else args.chunk_size)
             wire, chunks = sum(len(p) for p in payloads), len(payloads)
             lim = limit_seconds(wire, 5 if args.smoke else 20)
             sd = (Path(tempfile.mkdtemp(prefix="fedmq-ingest-", dir="/dev/shm")) if where == "tmpfs"
@@ -516,7 +572,8 @@ def main() -> None:
                     row["in_process_stages_ms"] = {s: round(t * 1e3, 3) for s, t in ip["per_update_s"].items()}
                     row["in_process_stages_cpu_ms"] = {s: round(t * 1e3, 3) for s, t in ip["per_update_cpu_s"].items()}
                 br = broker_run(size, mode, k, rounds, tmp / f"run-{n}", sd / "master",
-                                publishers=args.publishers, timeout=args.timeout, chunk_size=args.chunk_size)
+                                publishers=args.publishers, timeout=args.timeout, chunk_size=args.chunk_size,
+                                workers=args.workers)
                 row.update(br)
                 row["limit_ratio"] = (1 / br["updates_per_s"]) / lim if br["updates_per_s"] else None
                 if not args.no_floor and where == "disk":
@@ -564,6 +621,8 @@ def main() -> None:
         figures[f"{key}_limit_ratio"] = round(r["limit_ratio"], 2)
         figures[f"{key}_limit_updates_per_s"] = round(1 / r["limit_s"], 1)
         figures[f"{key}_master_cpu_ms_per_update"] = round(r["master_cpu_per_update_ms"], 3)
+        figures[f"{key}_cpu_ms_per_update"] = round(r["cpu_ms_per_update"], 3)
+        figures[f"{key}_root_merge_ms"] = round(r["root_merge_ms"], 3)
         if "in_process_updates_per_s" in r:
             figures[f"{key}_in_process_updates_per_s"] = round(r["in_process_updates_per_s"], 2)
             figures[f"{key}_in_process_cpu_ms_per_update"] = round(r["in_process_cpu_ms_per_update"], 3)
@@ -572,6 +631,11 @@ def main() -> None:
             figures[f"{key}_floor_cpu_ms_per_update"] = round(r["floor"]["cpu_ms_per_update"], 3)
             figures[f"{key}_floor_broker_cpu_ms_per_update"] = round(r["floor"]["broker_cpu_ms_per_update"], 3)
             figures[f"{key}_limit_ratio_lower_bound"] = round(r["ratio_lower_bound"], 2)
+    headline = next((r for r in results if (r["size"], r["mode"], r["journal"]) == ("1m", "dense", "disk")),
+                    results[0] if results else None)
+    if headline is not None:  # the 1 M dense run (else the first): master side, every worker counted
+        figures["cpu_ms_per_update"] = round(headline["cpu_ms_per_update"], 3)
+        figures["root_merge_ms"] = round(headline["root_merge_ms"], 3)
     figures["chunk_size"] = args.chunk_size
     figures["smoke"] = args.smoke
     figures["loadavg_before"] = [round(x, 2) for x in load0]
@@ -584,13 +648,14 @@ def main() -> None:
 
 def print_table(results: list[dict[str, Any]]) -> None:
     print("size   params    mode  journal  K  wire/upd  chunks  updates  upd/s    MB/s  in-proc/s  limit/s  "
-          "ratio  master ms/upd  broker ms/upd  master RSS MB")
+          "ratio  master ms/upd  broker ms/upd  master RSS MB  workers  all ms/upd  merge ms")
     for r in results:
         print(f"{r['size']:>4} {r['params']:>9,} {r['mode']:>5} {r['journal']:>7} {r['k']:>3} "
               f"{r['wire_bytes'] / 1e6:8.3f}M {r['chunks']:>6} {r['updates']:>8} {r['updates_per_s']:7.1f} "
               f"{r['updates_per_s'] * r['wire_bytes'] / 1e6:7.1f} {r.get('in_process_updates_per_s', math.nan):10.1f} "
               f"{1 / r['limit_s']:8.1f} {r['limit_ratio']:6.2f} {r['master_cpu_per_update_ms']:14.2f} "
-              f"{r['broker_cpu_per_update_ms']:14.2f} {r['master_rss_mb']:14.0f}")
+              f"{r['broker_cpu_per_update_ms']:14.2f} {r['master_rss_mb']:14.0f} {r['workers']:8d} "
+              f"{r['cpu_ms_per_update']:11.2f} {r['root_merge_ms']:9.2f}")
     floors = [r for r in results if "floor" in r]
     if floors:
         print("\ntransport floor (receive + ack only, same chunks, same broker) and the least ratio this machine allows:")
