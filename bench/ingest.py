@@ -34,7 +34,7 @@ For models of 10 K, 100 K, 1 M and 10 M parameters (MLPs), and updates sent dens
   cores / limit: the least ratio any master on paho could reach on this machine.
 
 With `--workers N` (N >= 1) the broker run is a sharded job (`[shard]`, docs/OPERATIONS.md
-section 13): N worker processes (`fedmq worker`) take the updates through an MQTT
+section 12): N worker processes (`fedmq worker`) take the updates through an MQTT
 shared subscription, each verifying, journaling and summing its share, and the master
 (the root) combines their N partial sums per round. Updates are then sealed as one MQTT
 message each (what a sharded job asks its slaves for; the broker's max_packet_size is

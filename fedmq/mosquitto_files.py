@@ -414,7 +414,7 @@ def render_bridge(bridge: RelayBridge) -> str:
     return f"""\
 # Mosquitto bridge (Mosquitto 2.0+): this site broker <-> the central broker, for relay
 # {bridge.relay!r} of fedmq job {bridge.job!r} (topics below {base}/). Written by
-# `fedmq broker bridge`; docs/OPERATIONS.md section 14 describes the layout. Append it
+# `fedmq broker bridge`; docs/OPERATIONS.md section 13 describes the layout. Append it
 # to the site broker's mosquitto.conf (or put it in a file of its include_dir) and
 # restart that broker.
 #

@@ -109,7 +109,7 @@ def bridge(job: str, relay: str, remote: tuple[str, int], prefix: str, cafile: s
 
     The stanza goes into the site broker's mosquitto.conf; the bridge logs in to the
     central broker as the relay's own account (RELAY@JOB) and carries exactly its
-    topics (docs/OPERATIONS.md section 14)."""
+    topics (docs/OPERATIONS.md section 13)."""
     password = password_file.read_text().strip() if password_file else None
     text = render_bridge(RelayBridge(job, relay, remote, prefix, tls=not plain, cafile=cafile, certfile=certfile,
                                      keyfile=keyfile, password=password))
