@@ -32,6 +32,15 @@ def test_ingest_smoke(mosquitto_bin: str) -> None:
     assert out["dense_10k_limit_ratio_lower_bound"] > 0
 
 
+def test_ingest_smoke_sharded(mosquitto_bin: str) -> None:
+    out = _run(["bench/ingest.py", "--smoke", "--workers", "2", "--timeout", "150"], timeout=300)
+    assert out["workers"] == 2
+    assert out["dense_10k_updates_per_s"] > 0
+    assert out["cpu_ms_per_update"] > 0 and out["root_merge_ms"] > 0  # the root and both workers measured
+    for key in ("dense_1m_updates_per_s", "dense_1m_limit_ratio"):
+        assert key in out
+
+
 def test_scale_smoke(mosquitto_bin: str) -> None:
     out = _run(["bench/scale.py", "--slaves", "20", "--rounds", "2", "--timeout", "150"], timeout=300)
     assert out["slaves"] == 20

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from fedmq.common import messages as M
 from fedmq.common.brokerconfig import BrokerConfig

@@ -9,12 +9,9 @@ the same model, up to float rounding.
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import cbor2
 import pytest
 import torch
 

@@ -10,7 +10,6 @@ journal, and the versions must still be exact.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import time
@@ -22,7 +21,6 @@ import torch
 from fedmq.common import messages as M
 from fedmq.common.channel import Inbox
 from fedmq.common.keys import Identity, KeyRing, write_identity
-from fedmq.common.modelspec import build_model, float_state
 from fedmq.common.strategies import ClientUpdate, make_strategy
 from fedmq.common.tensors import decode_state_dict
 from fedmq.common.topics import Topics, split_chunk_topic
