@@ -33,6 +33,7 @@ from fedmq.common.keys import Identity, public_pem, raw_public_bytes
 from fedmq.common.tensors import encode_quantized, encode_sparse, encode_state_dict
 from fedmq.common.topics import Topics
 from fedmq.master.job import instruction_body
+from fedmq.master.partial import PartialSum, Tallied, partial_body, weights_to_wire
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "vectors"
 NOW = 1_790_000_000.0  # fixed clock
@@ -51,8 +52,8 @@ def main() -> None:
     for old in OUT.glob("*.cbor"):
         old.unlink()
     topics = Topics(JOB)
-    master, slave = identity("master"), identity("slave-01")
-    for ident in (master, slave):
+    master, slave, worker = identity("master"), identity("slave-01"), identity("w1")
+    for ident in (master, slave, worker):
         (OUT / f"{ident.name}.pub").write_bytes(public_pem(ident.public_key))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
@@ -60,6 +61,7 @@ def main() -> None:
     spec = {"arch": "mlp", "sizes": [64, 16, 10], "seed": 0}
     ms = Sealer(master, JOB, seq=1, chunk_size=CHUNK)
     ss = Sealer(slave, JOB, seq=1, chunk_size=CHUNK)
+    ws = Sealer(worker, JOB, seq=1, chunk_size=CHUNK)
     pub = raw_public_bytes(slave.public_key)
     w1 = weights["0.weight"]
     g = torch.Generator().manual_seed(1)
@@ -109,6 +111,14 @@ def main() -> None:
         update("update-half", half),
         (ms, "delta-q8", topics.master("delta"), M.DELTA, {"run": RUN, **delta_body(3, weights, model_delta)}, 4, 4),
         (ms, "reconfirm", topics.direct("slave-01"), M.RECONFIRM, {"run": RUN, "reason": "not enrolled"}, 0, 0),
+        # sharded jobs (PROTOCOL.md 9.9, 11.8): worker w1 holds slave-01's update of round 4
+        (ws, "tally", topics.worker("w1"), M.TALLY, {"run": RUN, "updates": [
+            Tallied("slave-01/4/4", "slave-01", "delta", 180, 52_000).to_wire()]}, 4, 4),
+        (ms, "collect", topics.master("collect"), M.COLLECT, {"run": RUN, "collect": 1, "deadline": NOW + 60.0,
+                                                              "assign": {"w1": weights_to_wire({"slave-01/4/4": 180.0})}},
+         4, 4),
+        (ws, "partial", topics.worker("w1"), M.PARTIAL, partial_body(RUN, 1, PartialSum(
+            {k: 180.0 * v for k, v in change.items()}, 180.0, {"slave-01/4/4": 180.0})), 4, 4),
     ]
     index = []
     for sealer, name, topic, kind, body, version, rnd in samples:

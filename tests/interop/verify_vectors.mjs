@@ -430,6 +430,11 @@ const KINDS = {
     tensors: "finite",
   },
   presence: { topic: /\/presence\/[^/]+$/, fields: { state: (v) => v === "online" || v === "offline", version: isInt } },
+  // sharded jobs (section 9.9)
+  tally: { topic: /\/partial\/[^/]+$/, fields: { run: str, updates: (v) => Array.isArray(v) && v.every(isMap) } },
+  partial: { topic: /\/partial\/[^/]+$/, fields: { run: str, collect: isUint,
+    updates: (v) => Array.isArray(v) && v.every(isMap), weight: isNumber, tensors: isMap }, tensors: "finite" },
+  collect: { topic: /\/collect$/, fields: { run: str, collect: isUint, assign: isMap, deadline: isNumber } },
 };
 
 function checkBody(manifest, topic, body, kid, ownKey) {
@@ -442,7 +447,7 @@ function checkBody(manifest, topic, body, kid, ownKey) {
     if (body.has(field) && !ok(body.get(field))) fail("bad_body", `${manifest.kind}.${field} of the wrong type`);
   }
   const notes = [];
-  const slaveId = topic.match(/\/(?:confirm|update|presence)\/([^/]+)$/);
+  const slaveId = topic.match(/\/(?:confirm|update|presence|partial)\/([^/]+)$/);
   if (slaveId && slaveId[1] !== manifest.sender) fail("wrong_sender", `topic names ${slaveId[1]}, sender is ${manifest.sender}`);
   if (manifest.kind === "confirm" || manifest.kind === "decline") {
     // a self-signed enrollment request carries the key that signed it
