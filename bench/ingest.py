@@ -58,6 +58,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,7 +85,7 @@ from fedmq.common.jobconfig import parse_job  # noqa: E402
 from fedmq.common.keys import Identity, KeyRing, raw_public_bytes, write_identity  # noqa: E402
 from fedmq.common.modelspec import build_model  # noqa: E402
 from fedmq.common.shell import GroupCommit, JournalFile, write_atomic  # noqa: E402
-from fedmq.common.strategies import make_strategy  # noqa: E402
+from fedmq.common.strategies import ClientUpdate, make_strategy  # noqa: E402
 from fedmq.common.topics import Topics  # noqa: E402
 from fedmq.common.brokerconfig import BrokerConfig  # noqa: E402
 from fedmq.common.transport import Inbound, Transport# noqa: E402
@@ -263,6 +264,49 @@ def in_process(size: str, mode: str, k: int, rounds: int, state_dir: Path,
             "per_update_cpu_s": {s: t / updates for s, t in cpu.items()}}
 
 
+# ---------------------------------------------------------------- the root's merge, in-process
+
+
+def merge_costs(size: str, reps: int = 15) -> dict[str, dict[int, float]]:
+    """CPU ms (best of `reps`) of the root's merge of N partial sums (add them, divide,
+    server step), and of a single master's FedAvg over K updates: what grows with what."""
+    import torch
+
+    from fedmq.common.modelspec import build_model, float_state
+    from fedmq.master.partial import PartialSum, combine
+
+    params = {k: v.detach().clone() for k, v in float_state(build_model(model_spec(size))).items()}
+    strategy = make_strategy({"name": "fedavg"})
+
+    def cpu(fn) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            c = time.thread_time()
+            fn()
+            times.append(time.thread_time() - c)
+        return round(1e3 * min(times), 3)
+
+    def randn() -> dict[str, torch.Tensor]:
+        return {k: torch.randn_like(v) for k, v in params.items()}
+
+    merge = {}
+    for n in (1, 2, 4, 8):
+        parts = [PartialSum(randn(), 10.0, {f"u{i}": 10.0}) for i in range(n)]
+
+        def root() -> None:
+            total = PartialSum.zeros_like(params)
+            for part in parts:
+                total.merge(part)
+            combine(params, total, strategy)
+        merge[n] = cpu(root)
+    fedavg = {}
+    for k in (10, 20, 40):
+        updates = [ClientUpdate(f"s{i}", "delta", randn(), 10, 0) for i in range(k)]
+        fedavg[k] = cpu(lambda: strategy.aggregate(params, updates, 0))
+    return {"root_merge_cpu_ms_by_workers": merge, "fedavg_cpu_ms_by_updates": fedavg}
+
+
 # ---------------------------------------------------------------- broker run
 
 
@@ -411,7 +455,7 @@ def broker_run(size: str, mode: str, k: int, rounds: int, work: Path, state_dir:
             "workers": workers,
             "cpu_ms_per_update": 1e3 * (last[1] - first[1] + last[4] - first[4]) / n,  # master (root) + workers
             "workers_cpu_per_update_ms": 1e3 * (last[4] - first[4]) / n,
-            "root_merge_ms": 1e3 * sum(merges) / len(merges),
+            "root_merge_ms": 1e3 * statistics.median(merges),  # wall time: the median resists a busy host
             "master_cpu_per_update_ms": 1e3 * (last[1] - first[1]) / n,
             "broker_cpu_per_update_ms": 1e3 * (last[2] - first[2]) / n,
             "master_cpu_share": (last[1] - first[1]) / (last[0] - first[0]) if last[0] > first[0] else None,
@@ -643,6 +687,11 @@ def main() -> None:
     figures["cpus"] = os.cpu_count()
     if profile_summary:
         figures["profile_1m_dense"] = profile_summary
+    if args.workers and results:  # what the root's merge costs by workers, a master's FedAvg by updates
+        figures.update(merge_costs(results[0]["size"]))
+        print(f"\nin-process, CPU ms (best of 15), {results[0]['size']}: root merge by workers "
+              f"{figures['root_merge_cpu_ms_by_workers']}, single-master FedAvg by updates "
+              f"{figures['fedavg_cpu_ms_by_updates']}")
     print(json.dumps(figures, sort_keys=True))
 
 
