@@ -214,11 +214,15 @@ class RelayCore(ComposedMaster):
             + self._from_up(self.up.on_trained(task.round, task.version, result, now, self.up_bytes_in), now)
 
     def _with_task(self, fx: Effect) -> Effect:
-        """The site's checkpoints carry the task; its status says what the relay does upstream."""
+        """The site's checkpoints carry the task; its status says what the relay does
+        upstream, and each metrics row which upstream round and version it served."""
         if isinstance(fx, Checkpoint):
             return Checkpoint({**fx.state, "relay": self.task.state() if self.task else None})
         if isinstance(fx, PublishJson) and fx.topic == self.master.topics.master("status"):
             return PublishJson(fx.topic, {**fx.data, "relay": self.status()}, retain=fx.retain, qos=fx.qos)
+        if isinstance(fx, PublishJson) and fx.topic == self.master.topics.master("metrics") and self.task:
+            upstream = {"round": self.task.round, "version": self.task.version}  # the exchange this version served
+            return PublishJson(fx.topic, {**fx.data, "upstream": upstream}, retain=fx.retain, qos=fx.qos)
         return fx
 
     def status(self) -> dict[str, Any]:

@@ -152,6 +152,8 @@ def test_the_upstream_master_sees_one_party_carrying_its_devices_samples(tmp_pat
     # the accuracy of the global model grows (five slaves' data, three of them behind the relay)
     accs = [r["accuracy"] for r in master.history if "accuracy" in r] or [None]
     assert relay.status()["upstream"]["enrolled"] and relay.status()["task"]["sent"]
+    assert bus.json["fedmq/site/status"]["relay"]["upstream"]["job"] == "digits"
+    assert bus.json["fedmq/site/metrics"]["upstream"] == {"round": 5, "version": 4}
     del accs
 
 

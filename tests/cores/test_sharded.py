@@ -18,9 +18,9 @@ import torch
 from fedmq.common import messages as M
 from fedmq.common.brokerconfig import BrokerConfig
 from fedmq.common.channel import Inbox, Sealer
-from fedmq.common.effects import Checkpoint, Journal, Log, Publish
+from fedmq.common.effects import Ack, Checkpoint, Journal, Log, Publish
 from fedmq.common.envelope import loads
-from fedmq.common.errors import ConfigError
+from fedmq.common.errors import ConfigError, ProtocolError
 from fedmq.common.jobconfig import SlaveConfig
 from fedmq.common.keys import Identity, KeyRing, raw_public_bytes
 from fedmq.common.modelspec import build_model
@@ -75,9 +75,17 @@ class ShardBus(Bus):
         raise AssertionError("bus did not settle")
 
     def deliver(self, node: Node, topic: str, payload: bytes, retained: bool = False) -> None:
-        super().deliver(node, topic, payload, retained)
-        if isinstance(node.core, WorkerCore):  # its queue is idle: the journal is synced, tally
-            self.run(node.name, node.core.flush(self.now))
+        if not isinstance(node.core, WorkerCore):
+            super().deliver(node, topic, payload, retained)
+            return
+        try:
+            msg = node.inbox.receive(topic, payload, self.now, retained=retained)
+        except ProtocolError as exc:
+            self.rejections.append((node.name, exc.reason))
+            return
+        if msg is not None:  # as the worker daemon: with a token to acknowledge
+            self.run(node.name, node.core.on_message(msg, self.now, token=("ack", topic, payload[-8:])))
+        self.run(node.name, node.core.flush(self.now))  # its queue is idle: the journal is synced, tally
 
     def journal(self, name: str) -> list[dict[str, Any]]:
         """The worker's journal: its Journal records since its last Checkpoint, bodies decoded."""
@@ -240,6 +248,15 @@ def test_two_workers_make_the_same_model_as_one_master(tmp_path):
     updates = [fx for n in ("slave-0", "slave-1") for fx in sharded.effects[n]
                if isinstance(fx, Publish) and fx.kind == M.UPDATE]
     assert updates and all(fx.whole for fx in updates)
+    # a worker acknowledges an update right after journaling it, and tallies only journaled ones
+    for w in ("w0", "w1"):
+        fx, journaled = sharded.effects[w], set()
+        for i, e in enumerate(fx):
+            if isinstance(e, Journal):
+                journaled.add(e.record["update_id"])
+                assert isinstance(fx[i + 1], Ack)
+            if isinstance(e, Publish) and e.kind == M.TALLY:
+                assert {t["update_id"] for t in e.body["updates"]} <= journaled
     # the root never saw an update, only tallies and partial sums
     assert not any(isinstance(fx, Journal) and "worker" not in fx.record and "update_id" in fx.record
                    for fx in sharded.effects["master"])
