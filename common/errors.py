@@ -53,3 +53,6 @@ class Reason:
     CHUNK_TIMEOUT = "chunk_timeout"        # reassembly did not complete in time (reported by Inbox.expire)
     NOT_ENROLLED = "not_enrolled"          # valid signature, but the sender is not allowed
     BAD_BODY = "bad_body"                  # body does not match the message kind's schema
+    FOREIGN_UPDATE = "foreign_update"      # update_id not SENDER/ROUND/VERSION of its signed sender, round, version
+    STALE = "stale"                        # an update for a round or version that can no longer count
+    NON_FINITE_AGGREGATE = "non_finite_aggregate"  # finite updates whose aggregate was not (the version is discarded)

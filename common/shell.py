@@ -34,6 +34,7 @@ from .brokerconfig import BrokerConfig
 from .transport import Inbound, Transport
 
 TICK_SECONDS = 0.25
+REASSERT_SECONDS = 2.0  # a retained message overwritten by someone else is put back at most this often
 HEARTBEAT_FILE = "heartbeat"  # in a daemon's state directory
 HEARTBEAT_SECONDS = 15.0
 
@@ -63,32 +64,69 @@ class Shell:
         self.bytes_in = 0
         self.bytes_out = 0
         self._retained_chunks: dict[str, int] = {}
+        self._retained: dict[str, Publish] = {}  # base topic -> the last retained message published there
+        self._retained_payloads: dict[str, bytes] = {}  # exact topic -> its payload, as published
+        self._reasserted: dict[str, float] = {}
         self._stop = threading.Event()
 
     # ------------------------------------------------------------ outbound
 
-    def publish(self, fx: Publish, now: float) -> None:
+    def publish(self, fx: Publish, now: float) -> int:
+        """Seal and publish; returns the payload bytes sent (0 if it could not be sent)."""
         payloads = self.sealer.seal(fx.topic, fx.kind, fx.body, now=now, version=fx.version, round=fx.round)
         chunked = fx.retain and len(payloads) > 1
         topics = [chunk_topic(fx.topic, i) for i in range(len(payloads))] if chunked else [fx.topic] * len(payloads)
+        sent = 0
         for topic, payload in zip(topics, payloads):
-            self.transport.publish(topic, payload, qos=fx.qos, retain=fx.retain)
-            self.bytes_out += len(payload)
+            if not self._send(topic, payload, fx.qos, fx.retain):
+                return sent
+            sent += len(payload)
+        self.bytes_out += sent
         if fx.retain:
+            self._retained[fx.topic] = fx
             self._clear_stale_chunks(fx.topic, len(payloads) if chunked else 0)
+            self._retained_payloads.update(zip(topics, payloads))
+        return sent
+
+    def _send(self, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
+        """One publish; one the broker would refuse (too large) is logged and dropped, never fatal."""
+        try:
+            self.transport.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as exc:
+            self.log.error("message on %s not sent: %s", topic, exc)
+            return False
+        return True
 
     def _clear_stale_chunks(self, topic: str, now_count: int) -> None:
         """Delete retained chunks a previous, larger version left behind (empty retained publish)."""
         before = self._retained_chunks.get(topic, 0)
         if now_count and not before:
-            self.transport.publish(topic, b"", qos=1, retain=True)
+            self._send(topic, b"", 1, True)
+            self._retained_payloads[topic] = b""
         for i in range(now_count, before):
-            self.transport.publish(chunk_topic(topic, i), b"", qos=1, retain=True)
+            self._send(chunk_topic(topic, i), b"", 1, True)
+            self._retained_payloads[chunk_topic(topic, i)] = b""
         self._retained_chunks[topic] = now_count
 
     def publish_json(self, fx: PublishJson) -> None:
         payload = json.dumps(fx.data, separators=(",", ":"), default=str).encode()
-        self.transport.publish(fx.topic, payload, qos=fx.qos, retain=fx.retain)
+        self._send(fx.topic, payload, fx.qos, fx.retain)
+
+    def reassert(self, msg: Inbound, now: float) -> bool:
+        """A message on one of this shell's own retained topics (it subscribes to them to
+        see this): if it is not what this shell last published there -- someone
+        overwrote or deleted it -- publish the current one again (at most once per
+        REASSERT_SECONDS per topic). Returns whether it did."""
+        base = split_chunk_topic(msg.topic)
+        fx = self._retained.get(base)
+        if fx is None or self._retained_payloads.get(msg.topic, b"") == msg.payload:
+            return False
+        if now - self._reasserted.get(base, float("-inf")) < REASSERT_SECONDS:
+            return False
+        self._reasserted[base] = now
+        self.log.warning("retained message on %s was overwritten by someone else; publishing it again", msg.topic)
+        self.publish(fx, now)
+        return True
 
     def set_will(self, topic: str, payload: bytes) -> None:
         self.transport.set_will(topic, payload, qos=1, retain=True)

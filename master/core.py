@@ -39,17 +39,19 @@ from fedmq.common.effects import Ack, Checkpoint, Effect, Finish, Journal, Log, 
 from fedmq.common.errors import ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.strategies import ClientUpdate, Strategy
-from fedmq.common.tensors import decode_state_dict
+from fedmq.common.privacy import epsilon_spent
+from fedmq.common.update_safety import all_finite_params
 
 from . import checkpoint
 from .job import instruction_body
-from .intake import Refusal, screen_update
+from .intake import Refusal, UpdateIntake
+from .downlink import ModelPublisher
 from .ledger import UpdateLedger
 from .modelstore import ModelStore, Params
 from .phase import JobPhase
 from .registry import SlaveRegistry
 from .rejections import Rejections
-from .report import StatusBoard, metrics_row
+from .report import StatusBoard, Traffic, metrics_row
 from .rounds import Rounds
 from .schedule import RoundState, keep_bases_for, make_schedule
 
@@ -79,8 +81,15 @@ class MasterCore:
         self.registry = SlaveRegistry(open_enrollment=cfg.enrollment == "open", min_samples=cfg.min_samples,
                                       rejections=self.rejections)
         self.ledger = UpdateLedger()
+        self.intake = UpdateIntake(self.store, self.ledger, self.schedule,
+                                   max_update_norm=getattr(strategy, "max_update_norm", None),
+                                   max_weight=getattr(strategy, "max_weight", None))
+        self.discarded: list[dict[str, Any]] = []  # versions refused as non-finite (the last few)
         self.phase = JobPhase()
         self.board = StatusBoard(self.topics.master("status"), COALESCE_SECONDS)
+        self.publisher = ModelPublisher(cfg.compression.downlink, self.store, self.topics)
+        self.traffic = Traffic()
+        self.contributions: dict[str, int] = {}  # slave -> updates of it the strategy used (for the DP accounting)
         self.started_at: float | None = None
         self.history: list[dict[str, Any]] = []
 
@@ -124,6 +133,7 @@ class MasterCore:
             M.validate(msg.kind, parsed[0], msg.body)
         except ProtocolError as exc:
             return self.on_rejected(exc.reason, msg.sender, now, str(exc)) + _ack(token)
+        self.traffic.received(msg.kind, msg.wire_bytes)
         slave = self.registry.get(msg.sender)
         if slave is not None:
             slave.last_seen = now
@@ -134,6 +144,9 @@ class MasterCore:
             self.registry.record(msg.sender, now)
             online = msg.body["state"] == "online"
             fx = self._on_presence(msg.sender, online, now, grace=not online)
+            if online and self.registry.enrolled(msg.sender) and self.publisher.settings.delta:
+                # back online: it may have missed deltas, and cannot follow the next one without its base
+                fx.append(self._direct_model(msg.sender))
             return fx + (self._ask_to_confirm(msg.sender, now) if online else []) + _ack(token)
         if not self.registry.enrolled(msg.sender):
             self.registry.ignore(msg.sender, "sent an update without being enrolled" if msg.kind == M.UPDATE
@@ -199,7 +212,7 @@ class MasterCore:
             return fx + self._status(now) + self._availability(msg.sender, False, now)
         # Durable before acted on: the daemon syncs the journal before the model goes out.
         fx.append(Journal(self.registry.enrollment_record(msg.sender), NO_BODY))
-        fx.append(Publish(self.topics.direct(msg.sender), M.MODEL, self._model_body(), version=self.version))
+        fx.append(self._direct_model(msg.sender))
         return fx + self._join_or_start(msg.sender, now) + self._status(now)
 
     def _ask_to_confirm(self, name: str, now: float, *, force: bool = False) -> list[Effect]:
@@ -297,9 +310,10 @@ class MasterCore:
         """Close the round: the strategy combines its updates into a new version."""
         assert self.round is not None
         started = self.timer()
+        before = self.strategy.state_dict()  # taken back if the aggregate is not finite
         params = self.schedule.close(self.round, self.store)
         self._aggregation_seconds = self.timer() - started
-        return self._new_version(params, now)
+        return self._new_version(params, now, strategy_before=before)
 
     # ------------------------------------------------------------ updates
 
@@ -310,8 +324,7 @@ class MasterCore:
             self.registry.slaves[name].online = True
             fx = self._maybe_start_round(now, force=True)
         rnd = self.round
-        verdict = screen_update(msg, rnd, self.round_number, ledger=self.ledger, schedule=self.schedule,
-                                store=self.store)
+        verdict = self.intake.screen(msg, rnd, self.round_number, declared_samples=self.registry.slaves[name].samples)
         if not (isinstance(verdict, Refusal) and verdict.duplicate):
             self.registry.slaves[name].online = True  # it is evidently there, whatever presence said last
         if isinstance(verdict, Refusal):
@@ -338,9 +351,11 @@ class MasterCore:
 
     def _admit(self, record: Mapping[str, Any], now: float) -> list[Effect]:
         """Re-admit a journaled update after a restart (it was acked before)."""
-        body = record["body"]
-        tensors = decode_state_dict(body["tensors"])
-        update = ClientUpdate(record["sender"], body["kind"], tensors, body["samples"], body["base_version"])
+        rec = self.registry.get(record["sender"])
+        try:
+            update = self.intake.to_update(record["sender"], record["body"], rec.samples if rec else None)
+        except ProtocolError as exc:  # e.g. a job file whose max_update_norm was lowered since
+            return [Log("warning", f"journaled update {record['update_id']} not re-admitted: {exc}")]
         if self.schedule.admissible(update, self.version):
             return []
         return self._accept(update, record["update_id"], record, now)
@@ -349,6 +364,7 @@ class MasterCore:
         """Count an update in the open round; the schedule may turn it into a version at once."""
         assert self.round is not None
         self.round.count(uid, update, record["bytes"])
+        self.contributions[update.sender] = self.contributions.get(update.sender, 0) + 1
         slave = self.registry.get(update.sender)
         bytes_in = record["body"].get("metrics", {}).get("bytes_in")
         if slave is not None and isinstance(bytes_in, int):
@@ -358,15 +374,22 @@ class MasterCore:
         self._aggregation_seconds += self.timer() - started  # an asynchronous version: the sum of its steps
         return fx if new is None else fx + self._new_version(new, now)
 
-    def _new_version(self, params: Params, now: float) -> list[Effect]:
+    def _new_version(self, params: Params, now: float, *, strategy_before: Mapping[str, Any] | None = None
+                     ) -> list[Effect]:
         """Adopt new parameters: checkpoint, then publish the version and open the next round."""
         rnd: RoundState | None = self.round
         assert rnd is not None
+        if bad := all_finite_params(params):
+            return self._discard(rnd, bad, now, strategy_before)
         version = self.store.adopt(params)
         self.ledger.mark_applied(list(rnd.updates), version, self.schedule.horizon)
         row = metrics_row(rnd, version, {n: s.bytes_in for n, s in self.slaves.items()}, now)
         row.update(self.schedule.row(list(rnd.updates.values()), version))
         row["aggregation_seconds"] = round(self._aggregation_seconds, 6)
+        row["traffic"] = self.traffic.take_round()
+        if (dp := self.cfg.privacy) is not None:  # the slave that sent the most updates spent the most
+            row["epsilon"] = epsilon_spent(dp.noise_multiplier, 1.0, max(self.contributions.values(), default=0),
+                                           dp.delta)
         self._aggregation_seconds = 0.0
         if self.evaluate is not None:
             scores = self.evaluate(self.store.params)
@@ -377,9 +400,10 @@ class MasterCore:
         done = version >= self.cfg.rounds or (target is not None and row.get("accuracy", 0.0) >= target)
         if done:
             self.phase.go("finished")
+        published = self.publisher.publish(self.run, self.round_number)  # decided before the checkpoint holds it
         fx: list[Effect] = [
             Checkpoint(self.checkpoint_state()),
-            self._model_effect(),
+            *published,
             PublishJson(self.topics.master("metrics"), {"job": self.cfg.job, **row}, retain=True),
             Log("info", "round {round}: version {version}, {updates} update(s){acc}".format(
                 acc=f", accuracy {row['accuracy']:.4f}" if "accuracy" in row else "", **row)),
@@ -389,18 +413,41 @@ class MasterCore:
                 Finish("all rounds done" if version >= self.cfg.rounds else "target reached")]
         return fx + self._maybe_start_round(now, force=True) + self._status(now, force=True)
 
+    def _discard(self, rnd: RoundState, tensors: list[str], now: float,
+                 strategy_before: Mapping[str, Any] | None) -> list[Effect]:
+        """Finite updates made a non-finite model (their sum overflowed): the version is
+        never checkpointed nor published. Its updates are named and refused, the strategy
+        goes back to where it was, and a new round (a new number: the slaves train again)
+        starts from the current version."""
+        ids = sorted(rnd.updates)
+        if strategy_before is not None:
+            self.strategy.load_state_dict(strategy_before)
+        for _ in ids:
+            self.rejections.tally(Reason.NON_FINITE_AGGREGATE)
+        self.ledger.mark_applied(ids, self.version, self.schedule.horizon)  # never counted again
+        self.discarded = (self.discarded + [{"round": rnd.number, "update_ids": ids, "tensors": tensors[:8]}])[-5:]
+        self.rounds.close()
+        return ([Log("error", f"round {rnd.number}: the aggregate of {len(ids)} update(s) is not finite "
+                              f"({', '.join(tensors[:4])}); version discarded, updates refused: {', '.join(ids[:10])}")]
+                + self._maybe_start_round(now, force=True) + self._status(now, force=True))
+
     # ------------------------------------------------------------ messages out
 
     def _instruction(self) -> Publish:
         return Publish(self.topics.master("instruction"), M.INSTRUCTION, instruction_body(self.cfg, self.run),
                        retain=True)
 
-    def _model_body(self) -> dict[str, Any]:
-        return {"run": self.run, **self.store.body()}
+    def _direct_model(self, name: str) -> Publish:
+        """The model devices hold now, for one slave (after enrollment, or back online)."""
+        version, _ = self.publisher.held()
+        return Publish(self.topics.direct(name), M.MODEL, self.publisher.model_body(self.run), version=version)
 
     def _model_effect(self) -> Publish:
-        return Publish(self.topics.master("model"), M.MODEL, self._model_body(), version=self.version,
-                       round=self.round_number, retain=True)
+        return self.publisher.retained(self.run, self.round_number)
+
+    def note_published(self, kind: str, nbytes: int) -> None:
+        """The shell reports what a `Publish` cost on the wire (envelope and chunks included)."""
+        self.traffic.sent(kind, nbytes)
 
     def _announce(self, now: float) -> Publish:
         return self.rounds.announce(now, self.version, self.run)

@@ -31,8 +31,9 @@ from fedmq.common.errors import ConfigError, ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.keys import KeyRing, load_identity, public_key_from_raw
 from fedmq.common.modelspec import build_model
+from fedmq.common.privacy import epsilon_spent
 from fedmq.common.shell import HEARTBEAT_FILE, GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
-from fedmq.common.topics import master_client_id
+from fedmq.common.topics import master_client_id, split_chunk_topic
 from fedmq.common.workload import data_misfit, evaluate, load_local_data
 
 from .core import MasterCore
@@ -76,6 +77,8 @@ class MasterDaemon:
         if cfg.enrollment == "open":
             self.log.warning("enrollment mode 'open': any key that confirms is trusted (demos only)")
         model = build_model(cfg.model)
+        if cfg.privacy is not None:
+            epsilon_spent(cfg.privacy.noise_multiplier, 1.0, 1, cfg.privacy.delta)  # the accountant is installed
         self.core = MasterCore(cfg, model, make_job_strategy(cfg), evaluate=_evaluator(cfg), timer=time.perf_counter,
                                run=uuid.uuid4().hex[:12])
         inbox = Inbox(ring, cfg.job, self_signed=M.SELF_SIGNED_KINDS)
@@ -105,6 +108,12 @@ class MasterDaemon:
         self.shell.set_will(self.alive_topic, self._alive(False))
         for name in ("confirm", "update", "presence"):
             self.shell.transport.subscribe(topics.slaves(name), qos=1)
+        # its own retained messages, to put them back if anyone overwrites them (a junk
+        # instruction would keep every new slave from enrolling)
+        self._own_retained = {topics.master(name) for name in ("instruction", "model", "round")}
+        for topic in sorted(self._own_retained):
+            self.shell.transport.subscribe(topic, qos=1)
+            self.shell.transport.subscribe(topic + "/chunk/+", qos=1)
         self.finished: str | None = None
         self.acks = GroupCommit(self.journal, self.shell.transport.ack)
         # Last, once nothing else can fail: Prometheus /metrics on 127.0.0.1:metrics_port,
@@ -173,6 +182,10 @@ class MasterDaemon:
             self.acks.commit()
 
     def _handle_message(self, value: Any, now: float) -> None:
+        if split_chunk_topic(value.topic) in self._own_retained:
+            self.acks.ack(value, time.monotonic())
+            self.shell.reassert(value, now)
+            return
         try:
             received = self.shell.receive(value, now)
         except ProtocolError as exc:
@@ -211,7 +224,7 @@ class MasterDaemon:
     def _publish(self, fx: Publish) -> None:
         if self.journal.dirty:  # durable before acted on: what the journal holds is on disk before anything goes out
             self.acks.commit()
-        self.shell.publish(fx, self._now)
+        self.core.note_published(fx.kind, self.shell.publish(fx, self._now))
 
     def _publish_json(self, fx: PublishJson) -> None:
         self.shell.publish_json(fx)

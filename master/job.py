@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from fedmq.common.async_strategies import ASYNC_OPTIONS, make_async_strategy
+from fedmq.common.errors import ConfigError
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.strategies import Strategy, make_strategy
 from fedmq.common.tensors import decode_state_dict, encode_state_dict
@@ -28,6 +29,8 @@ def instruction_body(cfg: JobConfig, run: str) -> dict[str, Any]:
         "requirements": {"min_samples": cfg.min_samples},
         "round_policy": {"deadline": cfg.policy.deadline, "participants": cfg.policy.participants,
                          "asynchronous": is_asynchronous(cfg.strategy)},
+        "compression": cfg.compression.to_wire(),
+        **({"privacy": cfg.privacy.to_wire()} if cfg.privacy is not None else {}),
     }
 
 
@@ -36,10 +39,15 @@ def is_asynchronous(strategy_cfg: Mapping[str, Any]) -> bool:
 
 
 def make_job_strategy(cfg: JobConfig) -> Strategy:
-    """The job's aggregation rule: synchronous (FedOpt family) or asynchronous."""
+    """The job's aggregation rule: synchronous (FedOpt family) or asynchronous. A robust
+    rule that needs more updates per round than the round policy guarantees is refused."""
     if is_asynchronous(cfg.strategy):
         return make_async_strategy(cfg.strategy, gradient_lr=cfg.train.lr)
-    return make_strategy(cfg.strategy, gradient_lr=cfg.train.lr)
+    strategy = make_strategy(cfg.strategy, gradient_lr=cfg.train.lr)
+    if strategy.min_updates > cfg.policy.min_updates:
+        raise ConfigError(f"rounds.min_updates: rule {strategy.rule.name!r} needs at least {strategy.min_updates} "
+                          f"updates per round (2·krum_f + 3); set min_updates = {strategy.min_updates}")
+    return strategy
 
 
 def encode_tree(value: Any) -> Any:

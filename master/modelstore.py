@@ -46,10 +46,6 @@ class ModelStore:
         self.version += 1
         return self.version
 
-    def body(self) -> dict[str, Any]:
-        """The `model` message body of the current version."""
-        return {"tensors": encode_state_dict(self.params)}
-
     def checkpoint(self) -> dict[str, Any]:
         return {"version": self.version, "params": encode_state_dict(self.params)}
 

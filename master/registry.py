@@ -34,6 +34,8 @@ class SlaveRecord:
 
 
 _RECORD_FIELDS = frozenset(f.name for f in fields(SlaveRecord))
+MAX_IGNORED = 10_000  # names of unknown senders remembered for the status
+MAX_REASON = 1_000  # characters of a decline reason kept
 Admission = Literal["enrolled", "declined", "rejected"]
 
 
@@ -73,8 +75,10 @@ class SlaveRegistry:
         return any(s.enrolled and s.online for s in self.slaves.values())
 
     def ignore(self, name: str, why: str) -> None:
-        """Note why messages of `name` are ignored (shown in the status), keeping the first reason."""
-        self.not_enrolled.setdefault(name, why)
+        """Note why messages of `name` are ignored (shown in the status), keeping the first
+        reason; at most MAX_IGNORED names are remembered (anyone can make names up)."""
+        if name in self.not_enrolled or len(self.not_enrolled) < MAX_IGNORED:
+            self.not_enrolled.setdefault(name, why)
 
     # ------------------------------------------------------------ enrollment
 
@@ -91,7 +95,7 @@ class SlaveRegistry:
             return "rejected", self.rejections.count(Reason.NOT_ENROLLED, name)
         rec = self.record(name)
         if msg.kind == M.DECLINE:
-            rec.declined, rec.enrolled, rec.online = body["reason"], False, False
+            rec.declined, rec.enrolled, rec.online = body["reason"][:MAX_REASON], False, False
             return "declined", [Log("info", f"{name} declined the instruction: {body['reason']}")]
         if body["samples"] < self.min_samples:
             rec.declined = f"{body['samples']} samples < min_samples {self.min_samples}"

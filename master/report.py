@@ -18,8 +18,18 @@ if TYPE_CHECKING:
     from .core import MasterCore
 
 
+MAX_LISTED = 50  # names listed under not_enrolled (the rest are counted): anyone can make up names
+MAX_TEXT = 200  # characters of any text a remote party chose (a decline reason)
+
+
+def _text(value: str) -> str:
+    return value if len(value) <= MAX_TEXT else value[:MAX_TEXT - 1] + "…"
+
+
 def status_document(core: MasterCore, now: float) -> dict[str, Any]:
+    """The status, bounded whatever remote parties send: it must always fit one MQTT packet."""
     rnd = core.round
+    ignored = sorted(core.not_enrolled.items())
     return {
         "job": core.cfg.job, "state": core.state, "version": core.version, "round": core.round_number,
         "rounds": core.cfg.rounds,
@@ -28,10 +38,19 @@ def status_document(core: MasterCore, now: float) -> dict[str, Any]:
         "deadline": rnd.deadline if rnd else None,
         "last_accuracy": core.history[-1].get("accuracy") if core.history else None,
         "slaves": {n: {"enrolled": s.enrolled, "online": s.online, "samples": s.samples,
-                       **({"declined": s.declined} if s.declined else {})} for n, s in sorted(core.slaves.items())},
-        "not_enrolled": dict(sorted(core.not_enrolled.items())),
+                       **({"declined": _text(s.declined)} if s.declined else {})}
+                   for n, s in sorted(core.slaves.items()) if s.enrolled or s.declined or s.online},
+        "not_enrolled": {n: _text(why) for n, why in ignored[:MAX_LISTED]},
+        "not_enrolled_more": max(0, len(ignored) - MAX_LISTED),
         "rejected": dict(sorted(core.rejected.items())),
+        "clipped": dict(sorted(core.intake.clipped.items())),
+        "discarded": core.discarded,
         "duplicates": core.duplicates,
+        "traffic": core.traffic.total,
+        **({"privacy": {**core.cfg.privacy.to_wire(), "epsilon": core.history[-1].get("epsilon", 0.0)
+                        if core.history else 0.0}} if core.cfg.privacy is not None else {}),
+        "downlink": {"keyframes": core.publisher.keyframes_sent, "deltas": core.publisher.deltas_sent,
+                     "drift": round(core.publisher.drift(), 6)},
         "updated": round(now, 3),
     }
 
@@ -41,11 +60,36 @@ def metrics_row(rnd: RoundState, version: int, bytes_in: Mapping[str, int], now:
     updates = list(rnd.updates.values())
     return {
         "round": rnd.number, "version": version, "updates": len(updates),
-        "samples": sum(u.num_samples for u in updates), "seconds": round(now - rnd.started, 3),
+        "samples": sum(int(u.aggregation_weight) for u in updates), "seconds": round(now - rnd.started, 3),
         "update_ids": sorted(rnd.updates),
         "bytes_up": rnd.bytes_up,
         "bytes_down": sum(max(0, bytes_in[n] - base) for n, base in rnd.bytes_down_base.items()),
     }
+
+
+class Traffic:
+    """Bytes on the wire by direction and message kind (envelope and chunks included):
+    received as verified, and published as the shell reports them (one copy: the broker
+    fans it out to every subscriber). Cumulative for the status, per version for the metrics."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, dict[str, int]] = {"up": {}, "down": {}}
+        self._round: dict[str, dict[str, int]] = {"up": {}, "down": {}}
+
+    def _add(self, direction: str, kind: str, nbytes: int) -> None:
+        for book in (self.total, self._round):
+            book[direction][kind] = book[direction].get(kind, 0) + nbytes
+
+    def received(self, kind: str, nbytes: int) -> None:
+        self._add("up", kind, nbytes)
+
+    def sent(self, kind: str, nbytes: int) -> None:
+        self._add("down", kind, nbytes)
+
+    def take_round(self) -> dict[str, dict[str, int]]:
+        """What went by since the last version (and start counting the next one)."""
+        taken, self._round = self._round, {"up": {}, "down": {}}
+        return taken
 
 
 class StatusBoard:

@@ -31,13 +31,23 @@ from fedmq.common.effects import Effect, Log, Publish, SaveState, Subscribe, Tra
 from fedmq.common.errors import ConfigError, ProtocolError
 from fedmq.common.jobconfig import SlaveConfig
 from fedmq.common.modelspec import build_model, float_state, load_float_state
-from fedmq.common.tensors import encode_state_dict
+from fedmq.common.compression import ErrorFeedback, WrongBase, apply_model_delta, encode_update
+from fedmq.common.compression_settings import CompressionSettings
+from fedmq.common.privacy import privatize
+from fedmq.common.privacy_settings import DPSettings
+from fedmq.common.tensors import Limits, encode_state_dict, spec_of
 
 from .trainer import LocalResult, distill_local, train_local
 
 Params = dict[str, torch.Tensor]
 KEEP_DONE_ROUNDS = 64
 CONFIRM_RETRY = (30.0, 300.0)  # an unanswered confirm is sent again after 30 s, doubling up to 5 min
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    compression: CompressionSettings
+    privacy: DPSettings | None
 
 
 @dataclass
@@ -70,6 +80,8 @@ class SlaveCore:
     pending: dict[str, Any] | None = None  # last update body, kept until a newer version arrives
     _confirmed_at: float | None = None  # an unanswered confirm went out then
     _retry: float = CONFIRM_RETRY[0]
+    settings: JobSettings | None = None  # what the instruction says about compression and privacy
+    feedback: ErrorFeedback | None = None  # what uplink compression left out, sent later (error feedback)
 
     def __post_init__(self) -> None:
         self.topics = self.cfg.topics
@@ -96,6 +108,8 @@ class SlaveCore:
             self.floor = int(saved.get("version", -1))
             self.done_rounds = list(saved.get("done_rounds", []))
             self.pending = saved.get("pending")
+            if self.instruction is not None and self._adopt_settings(self.instruction) is None and self.feedback:
+                self.feedback.load_state_dict(saved.get("feedback") or {"residual": {}})
         if self.instruction is not None and not self.enrolled:
             # It confirmed (or declined) before the restart and heard nothing back; the data
             # may have changed meanwhile: decide again.
@@ -127,6 +141,8 @@ class SlaveCore:
             return self._resend_pending() + self._maybe_train(now)
         if msg.kind == M.RECONFIRM:
             return self._on_reconfirm(now)
+        if msg.kind == M.DELTA:
+            return self._on_delta(msg, now)
         return [Log("warning", f"ignoring {msg.kind} message")]
 
     def tick(self, now: float) -> list[Effect]:
@@ -147,7 +163,7 @@ class SlaveCore:
             "update_id": f"{self.cfg.slave_id}/{rnd}/{version}", "kind": result.kind, "base_version": version,
             "samples": result.num_samples,
             "metrics": {**{k: float(v) for k, v in result.metrics.items()}, "bytes_in": bytes_in},
-            "tensors": encode_state_dict(result.tensors),
+            "tensors": self._wire_tensors(result),
         }
         self.pending = {"round": rnd, "body": body}
         self.done_rounds = (self.done_rounds + [rnd])[-KEEP_DONE_ROUNDS:]
@@ -168,7 +184,18 @@ class SlaveCore:
     def state(self) -> dict[str, Any]:
         return {"instruction": self.instruction, "instruction_digest": self.instruction_digest,
                 "enrolled": self.enrolled, "declined": self.declined, "version": max(self.floor, self.version),
-                "done_rounds": self.done_rounds, "pending": self.pending}
+                "done_rounds": self.done_rounds, "pending": self.pending,
+                "feedback": self.feedback.state_dict() if self.feedback else None}
+
+    def _wire_tensors(self, result: LocalResult) -> dict[str, Any]:
+        """The update's tensors as they travel: noised (DP), then compressed (with error
+        feedback) -- a delta or gradient; a student's whole weights go as they are."""
+        if result.kind not in ("delta", "gradient") or self.settings is None:
+            return encode_state_dict(result.tensors)
+        tensors = result.tensors
+        if self.settings.privacy is not None:
+            tensors = privatize(tensors, self.settings.privacy)
+        return encode_update(tensors, self.settings.compression.uplink, self.feedback)
 
     # ------------------------------------------------------------ enrollment
 
@@ -179,7 +206,7 @@ class SlaveCore:
             return []  # the same instruction again (retained redelivery, master restart)
         if body["run"] != self.run:  # a new run of the job starts from nothing
             self.model, self.version, self.floor, self.round = None, -1, -1, None
-            self.done_rounds, self.pending = [], None
+            self.done_rounds, self.pending, self.feedback = [], None, None
         self.instruction_digest, self.instruction = digest, dict(body)
         self.enrolled = False
         return self._answer(now)
@@ -202,11 +229,28 @@ class SlaveCore:
         need = body["requirements"].get("min_samples", 1)
         if self.samples < need:
             return f"{self.samples} local samples, the job needs {need}"
+        if why := self._adopt_settings(body):
+            return why
         try:
             model = build_model(body["model"])
         except ConfigError as exc:
             return f"cannot build model: {exc}"
         return self.data_misfit(model) if self.data_misfit is not None else None
+
+    def _adopt_settings(self, body: Mapping[str, Any]) -> str | None:
+        """Read the instruction's compression and privacy settings (None), or say why not."""
+        try:
+            compression = CompressionSettings.from_wire(body.get("compression", {}))
+            privacy = DPSettings.from_wire(body["privacy"]) if "privacy" in body else None
+        except ProtocolError as exc:
+            return f"cannot follow the instruction's settings: {exc.detail}"
+        self.settings = JobSettings(compression, privacy)
+        uplink = compression.uplink
+        if not uplink.error_feedback:
+            self.feedback = None
+        elif self.feedback is None or self.feedback.encoding != uplink:
+            self.feedback = ErrorFeedback(uplink)
+        return None
 
     def _confirm(self, now: float) -> list[Effect]:
         self._confirmed_at = now
@@ -240,8 +284,9 @@ class SlaveCore:
             return []
         if newer:
             model = self.model if self.model is not None else build_model(self.instruction["model"])
+            spec = spec_of(float_state(model))
             try:
-                load_float_state(model, M.tensors_of(msg.body))
+                load_float_state(model, M.tensors_of(msg.body, Limits.for_model(spec), expected=spec))
             except ProtocolError as exc:
                 return [Log("warning", f"rejected model version {version}: {exc}")]
             self.model, self.version, self.floor = model, version, max(self.floor, version)
@@ -253,6 +298,25 @@ class SlaveCore:
             fx += self._follow()
         fx += [SaveState(self.state()), Log("info", f"model version {version}")]
         return fx + self._maybe_train(now)
+
+    def _on_delta(self, msg: Received, now: float) -> list[Effect]:
+        """A compressed change from the version this slave holds to the next (PROTOCOL.md
+        9.5). Against another base (it missed one) it is ignored: the master sends a full
+        model to a slave that comes back, and a keyframe every few versions."""
+        version = msg.manifest.version
+        if not self.enrolled or self.model is None or version <= self.version:
+            return []
+        try:
+            params = apply_model_delta(float_state(self.model), msg.body, held_version=self.version)
+        except WrongBase as exc:
+            return [Log("info", f"delta to version {version} not applied: {exc}; waiting for a full model")]
+        except ProtocolError as exc:
+            return [Log("warning", f"rejected delta to version {version}: {exc}")]
+        load_float_state(self.model, params)
+        self.version, self.floor = version, max(self.floor, version)
+        if self.pending is not None and self.pending["body"]["base_version"] < version:
+            self.pending = None
+        return [SaveState(self.state()), Log("info", f"model version {version} (delta)")] + self._maybe_train(now)
 
     def _resend_pending(self) -> list[Effect]:
         """A round announced again (master restarted, or re-planned it) that does not list
@@ -267,7 +331,8 @@ class SlaveCore:
                         version=rnd.version, round=rnd.number)]
 
     def _follow(self) -> list[Effect]:
-        return [Subscribe(self.topics.master("model")), Subscribe(self.topics.master("round"))]
+        return [Subscribe(self.topics.master("model")), Subscribe(self.topics.master("round")),
+                Subscribe(self.topics.master("delta"))]
 
     def _maybe_train(self, now: float) -> list[Effect]:
         """Train when the current round names us on the version we hold. A synchronous
@@ -297,6 +362,8 @@ def run_training(instruction: Mapping[str, Any], params: Params, dataset: Datase
         return distill_local(model, student, dataset, epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
                              momentum=t["momentum"], weight_decay=t["weight_decay"],
                              temperature=t["temperature"], alpha=t["alpha"], seed=seed)
+    constraints = CompressionSettings.from_wire(instruction.get("compression", {})).constraints
     return train_local(model, dataset, kind=kind, epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
                        momentum=t["momentum"], weight_decay=t["weight_decay"], prox_mu=t["prox_mu"],
-                       grad_batches=t["grad_batches"] or None, seed=seed)
+                       grad_batches=t["grad_batches"] or None, seed=seed,
+                       **(constraints.train_kwargs() if kind == "delta" else {}))

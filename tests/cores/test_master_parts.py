@@ -20,7 +20,7 @@ from fedmq.common.strategies import ClientUpdate, make_strategy
 from fedmq.common.async_strategies import make_async_strategy
 from fedmq.common.tensors import encode_state_dict
 from fedmq.common.topics import Topics
-from fedmq.master.intake import Refusal, screen_update
+from fedmq.master.intake import Refusal, UpdateIntake
 from fedmq.master.ledger import UpdateLedger
 from fedmq.master.modelstore import ModelStore
 from fedmq.master.phase import IllegalTransition, JobPhase
@@ -203,27 +203,70 @@ def test_job_phase_refuses_illegal_transitions() -> None:
 
 # ------------------------------------------------------------------ intake
 
-def test_intake_screens_duplicates_stale_and_bad_tensors_before_anything_counts() -> None:
+def _intake(**kw):
     store = ModelStore(build_model(SPEC))
     sched = SyncRounds(make_strategy({"name": "fedavg"}), RoundPolicy())
     ledger = UpdateLedger()
-    rnd = plan_round(RoundPolicy(), 1, ["s1"], 0.0, {"s1": 0})
-    good = {k: torch.zeros_like(v) for k, v in store.params.items()}
+    rnd = plan_round(RoundPolicy(), 1, ["s1", "s2"], 0.0, {"s1": 0, "s2": 0})
+    return UpdateIntake(store, ledger, sched, **kw), rnd, {k: torch.zeros_like(v) for k, v in store.params.items()}
 
-    def update(tensors: dict, round: int = 1) -> Received:
-        body = {"update_id": f"s1/{round}/0", "kind": "delta", "base_version": 0, "samples": 5, "metrics": {},
-                "tensors": encode_state_dict(tensors)}
-        return received(M.UPDATE, "s1", body, round=round)
 
-    screen = lambda msg: screen_update(msg, rnd, 1, ledger=ledger, schedule=sched, store=store)  # noqa: E731
-    assert isinstance(screen(update(good)), ClientUpdate)
-    stale = screen(update(good, round=0))
+def _update_msg(tensors: dict, *, sender: str = "s1", round: int = 1, uid: str | None = None,
+                samples: int = 5, version: int = 0) -> Received:
+    body = {"update_id": uid or f"{sender}/{round}/0", "kind": "delta", "base_version": 0, "samples": samples,
+            "metrics": {}, "tensors": encode_state_dict(tensors)}
+    return received(M.UPDATE, sender, body, round=round, version=version)
+
+
+def test_intake_screens_duplicates_stale_and_bad_tensors_before_anything_counts() -> None:
+    intake, rnd, good = _intake()
+    screen = lambda msg: intake.screen(msg, rnd, 1, declared_samples=5)  # noqa: E731
+    assert isinstance(screen(_update_msg(good)), ClientUpdate)
+    stale = screen(_update_msg(good, round=0))
     assert isinstance(stale, Refusal) and stale.log.startswith("stale update s1/0/0") and stale.reason is None
-    bad = screen(update({"0.weight": torch.zeros(2, 2)}))
+    bad = screen(_update_msg({"0.weight": torch.zeros(2, 2)}))
     assert isinstance(bad, Refusal) and bad.reason == "bad_tensor"
-    ledger.mark_applied(["s1/1/0"], 1, horizon=0)
-    dup = screen(update(good))
+    intake.ledger.mark_applied(["s1/1/0"], 1, horizon=0)
+    dup = screen(_update_msg(good))
     assert isinstance(dup, Refusal) and dup.duplicate
+
+
+def test_an_update_belongs_to_its_signer_round_and_version() -> None:
+    """Issue 11, finding 1: one enrolled slave sent updates with other slaves' ids."""
+    intake, rnd, good = _intake()
+    for uid, version in (("s2/1/0", 0), ("s1/2/0", 0), ("s1/1/7", 0), ("s1/1/0", 3)):
+        verdict = intake.screen(_update_msg(good, uid=uid, version=version), rnd, 1, declared_samples=5)
+        assert isinstance(verdict, Refusal) and verdict.reason == "foreign_update", (uid, version)
+
+
+def test_weight_is_capped_by_the_enrollment_and_the_norm_is_bounded() -> None:
+    """Issue 11, finding 2: a claimed 10^15 samples, a x1e6 step, a 3e38 step."""
+    intake, rnd, good = _intake()
+    huge = intake.screen(_update_msg(good, samples=10**15), rnd, 1, declared_samples=40)
+    assert isinstance(huge, ClientUpdate) and huge.aggregation_weight == 40
+    big = {k: torch.full_like(v, 1.0) for k, v in good.items()}  # norm ~ 8.8: within the default 10
+    assert isinstance(intake.screen(_update_msg(big), rnd, 1, declared_samples=5), ClientUpdate)
+    assert intake.clipped == {}
+    larger = {k: torch.full_like(v, 3.0) for k, v in good.items()}  # clipped to 10
+    clipped = intake.screen(_update_msg(larger, sender="s2"), rnd, 1, declared_samples=5)
+    assert isinstance(clipped, ClientUpdate) and intake.clipped == {"s2": 1}
+    rnd2 = plan_round(RoundPolicy(), 2, ["s1"], 0.0, {"s1": 0})
+    for scale in (1e6, 3e38):
+        attack = {k: torch.full_like(v, scale) for k, v in good.items()}
+        verdict = intake.screen(_update_msg(attack, round=2), rnd2, 2, declared_samples=5)
+        assert isinstance(verdict, Refusal) and verdict.reason == "too_large", scale
+
+
+def test_a_decompression_bomb_is_refused_before_anything_is_allocated() -> None:
+    """Issue 11, finding 6: coo tensors of shape [8192, 8192] in a tiny update."""
+    from fedmq.common.tensors import encode_sparse
+
+    intake, rnd, good = _intake()
+    bomb = {k: encode_sparse((8192, 8192), torch.tensor([0], dtype=torch.int32), torch.tensor([1.0], dtype=torch.float64))
+            for k in good}
+    body = {"update_id": "s1/1/0", "kind": "delta", "base_version": 0, "samples": 5, "metrics": {}, "tensors": bomb}
+    verdict = intake.screen(received(M.UPDATE, "s1", body, round=1), rnd, 1, declared_samples=5)
+    assert isinstance(verdict, Refusal) and verdict.reason in ("bad_tensor", "too_large")
 
 
 # ------------------------------------------------------------------ the shell's one dispatch
