@@ -52,6 +52,7 @@ class Case:
     retain: bool = False
     qos: int = 1
     topics: list[str] | None = None  # per payload, when they differ (retained chunks)
+    notes: list[tuple[str, EvilUpdate]] = field(default_factory=list)  # evil updates it carries, by update_id
 
     def publishes(self) -> list[tuple[str, bytes]]:
         return list(zip(self.topics or [self.topic] * len(self.payloads), self.payloads))
@@ -81,10 +82,13 @@ class EvilUpdate:
 
 @dataclass
 class EvilLedger:
-    updates: dict[str, EvilUpdate] = field(default_factory=dict)  # by update_id
+    """Every update the evil key published, by update_id: several may share one id (only
+    the first the master accepts can count; later ones are duplicates)."""
+
+    updates: dict[str, list[EvilUpdate]] = field(default_factory=dict)
 
     def note(self, uid: str, upd: EvilUpdate) -> None:
-        self.updates.setdefault(uid, upd)  # the first wins: a duplicate id is refused
+        self.updates.setdefault(uid, []).append(upd)
 
 
 # ---------------------------------------------------------------- raw CBOR
@@ -461,7 +465,7 @@ def hostile_tensors(rng: random.Random, spec: dict[str, tuple[int, ...]]) -> tup
             t[k] = encode_sparse((8192, 8192), torch.tensor([1], dtype=torch.int64), torch.tensor([0.5]))
         return "coo-bomb-all", t
     if op == 11:
-        idx = rng.choice([[n], [-1], [2**62], [0, 0], list(range(n + 1))[: n + 1]])
+        idx = rng.choice([[n], [-1], [2**62], list(range(n + 1))])  # (duplicates are tolerated: PROTOCOL 8)
         vals = torch.ones(len(idx))
         t[victim] = encode_sparse(shape, torch.tensor(idx, dtype=torch.int64), vals)
         return "coo-index", t
@@ -545,22 +549,20 @@ class Roles:
 class CaseFactory:
     """Draws the next hostile message; `captured` holds valid payloads per topic."""
 
-    def __init__(self, rng: random.Random, roles: Roles, captured: dict[str, list[bytes]], live: LiveState,
-                 ledger: EvilLedger) -> None:
+    def __init__(self, rng: random.Random, roles: Roles, captured: dict[str, list[bytes]], live: LiveState) -> None:
         self.rng = rng
         self.roles = roles
         self.captured = {t: list(p) for t, p in captured.items() if p}
         self.all_captured = [p for ps in self.captured.values() for p in ps]
         self.live = live
-        self.ledger = ledger
+        self._notes: list[tuple[str, EvilUpdate]] = []
         t = roles.topics
         self.master_targets = [t.slave(n, s) for n in ("confirm", "update", "presence")
                                for s in [*roles.honest, roles.evil.identity.name, roles.rogue.identity.name,
                                          roles.outsider.identity.name, "nobody"]]
-        self.slave_targets = [t.master("instruction"), t.master("model"), t.master("round")] + \
+        self.slave_targets = [t.master("instruction"), t.master("model"), t.master("round"), t.master("delta")] + \
             [t.direct(s) for s in [*roles.honest, roles.evil.identity.name]] + \
             [chunk_topic(t.master(n), i) for n in ("instruction", "model", "round") for i in (0, 1, 7)]
-        self._serial = 0
         self.games: list[tuple[float, Callable[[], Case]]] = [
             (6, self.random_bytes), (4, self.random_cbor_item), (4, self.bomb), (12, self.mutated_capture),
             (10, self.cose_game), (4, self.replay), (3, self.wrong_topic_replay), (2, self.retained_junk),
@@ -571,8 +573,10 @@ class CaseFactory:
         self._weights = [w for w, _ in self.games]
 
     def next(self) -> Case:
+        self._notes: list[tuple[str, EvilUpdate]] = []
         _, make = self.rng.choices(self.games, weights=self._weights)[0]
         case = make()
+        case.notes = self._notes
         if max((len(p) for p in case.payloads), default=0) > MAX_PAYLOAD:  # the broker would drop the fuzzer
             case.payloads = [p[:MAX_PAYLOAD] for p in case.payloads]
             case.game += "(cut)"
@@ -655,37 +659,49 @@ class CaseFactory:
 
     # -- signed by the enrolled evil key ---------------------------------------------
 
-    def _evil_uid(self, r: int, v: int) -> str:
-        self._serial += 1
-        return f"{self.roles.evil.identity.name}/{r}/{v}#{self._serial}"
+    def _evil_uid(self, r: int | None = None, v: int | None = None) -> str:
+        """The id the master expects of the evil key: SENDER/ROUND/VERSION (of the open round)."""
+        return f"{self.roles.evil.identity.name}/{self.live.round if r is None else r}/" \
+               f"{self.live.version if v is None else v}"
 
-    def _update_body(self, uid: str, tensors: dict[str, Any], *, samples: Any = EVIL_SAMPLES, kind: Any = "delta",
+    def _note(self, uid: Any, game: str, *, scale: float = 0.0, claimed: int = EVIL_SAMPLES,
+              admissible: bool = False) -> None:
+        """Remember what the evil key sends under `uid` (written to the ledger once it is published)."""
+        if isinstance(uid, str):
+            self._notes.append((uid, EvilUpdate(game, self.roles.evil.identity.name, claimed, scale, admissible)))
+
+    def _update_body(self, uid: Any, tensors: dict[str, Any], *, samples: Any = EVIL_SAMPLES, kind: Any = "delta",
                      base: Any = None, metrics: Any = None) -> dict[str, Any]:
         return {"update_id": uid, "kind": kind, "base_version": self.live.version if base is None else base,
                 "samples": samples, "metrics": {"train_loss": 0.5, "bytes_in": 1000} if metrics is None else metrics,
                 "tensors": tensors}
 
     def evil_update(self) -> Case:
-        """A validly signed update for the open round whose body breaks one rule."""
+        """A validly signed update for the open round whose body breaks one rule (or, for
+        `samples-huge` and `metrics-junk`, stretches what the protocol tolerates)."""
         rng, live, evil = self.rng, self.live, self.roles.evil
         name = evil.identity.name
         topic = self.roles.topics.slave("update", name)
         r, v = live.round, live.version
-        uid = self._evil_uid(r, v)
-        scale = float(rng.randint(1, 1000))
+        uid = self._evil_uid()
+        # tolerated updates stay under the default norm bound (10), so their effect can be
+        # recomputed exactly; a scale of its own names the update that moved the model
+        scale = rng.uniform(1, 50)
         valid = encode_state_dict(self.roles.evil_tensors(scale))
         op = rng.randrange(14)
+        manifest = {"version": v, "round": r}
         if op < 5:
             game, tensors = hostile_tensors(rng, self.roles.spec)
             body = self._update_body(uid, tensors)
+            self._note(uid, game)
         elif op == 5:  # the documented bound: weight capped to what the slave declared
             claimed = rng.choice([EVIL_SAMPLES + 1, 10**6, 2**40, 2**63 - 1, 2**64 - 1])
             game, body = "samples-huge", self._update_body(uid, valid, samples=claimed)
-            self.ledger.note(uid, EvilUpdate(game, name, claimed, scale, admissible=True))
+            self._note(uid, game, scale=scale, claimed=claimed, admissible=True)
         elif op == 6:
             samples = rng.choice([0, -1, 1.5, True, "40", None, [40], CBORTag(2, b"\x01" * 20), math.nan])
             game, body = "samples-bad", self._update_body(uid, valid, samples=samples)
-            self.ledger.note(uid, EvilUpdate(game, name, 0, scale, admissible=False))
+            self._note(uid, game, scale=scale)
         elif op == 7:  # metrics are informational: junk there may be accepted, with the capped weight
             metrics = rng.choice([{"bytes_in": rng.choice([2**64 - 1, -1, -(2**63), 2**62])},
                                   {"bytes_in": math.nan}, {"bytes_in": "x"}, {"x" * 1000: 1.0},
@@ -693,30 +709,32 @@ class CaseFactory:
                                   _deep_map(rng.choice([5, 14])), [], "m"])
             game = "metrics-junk"
             body = self._update_body(uid, valid, metrics=metrics)
-            self.ledger.note(uid, EvilUpdate(game, name, EVIL_SAMPLES, scale, admissible=isinstance(metrics, dict)))
+            self._note(uid, game, scale=scale, admissible=isinstance(metrics, dict))
         elif op == 8:  # another slave's update id: an update belongs to its signer
-            victim = rng.choice(self.roles.honest)
-            uid = f"{victim}/{r}/{v}"
+            uid = f"{rng.choice(self.roles.honest)}/{r}/{v}"
             game, body = "uid-of-other-slave", self._update_body(uid, valid)
-            self.ledger.note(uid, EvilUpdate(game, name, EVIL_SAMPLES, scale, admissible=False))
-        elif op == 9:
-            bad_uid = rng.choice([7, b"id", None, "", "x" * rng.choice([1000, 500_000]), "\u202e\x00", ["a"]])
+            self._note(uid, game, scale=scale)
+        elif op == 9:  # not exactly SENDER/ROUND/VERSION
+            bad_uid = rng.choice([7, b"id", None, "", "x" * rng.choice([1000, 500_000]), "\u202e\x00", ["a"],
+                                  uid + "#2", uid + " ", uid + "\x00", uid.upper(), f"{name}/{r + 1}/{v}",
+                                  f"{name}/{r}/{v + 1}", f"{name}/{r}/{v}/0", f"{name}//{r}/{v}", f"./{uid}"])
             game, body = "uid-bad", self._update_body(bad_uid, valid)
+            self._note(bad_uid, game, scale=scale)
         elif op == 10:
             kind = rng.choice(["foo", "", "DELTA", 1, None, "model", "gradient ", ["delta"]])
             game, body = "update-kind", self._update_body(uid, valid, kind=kind)
-            self.ledger.note(uid, EvilUpdate(game, name, EVIL_SAMPLES, scale, admissible=False))
-        elif op == 11:  # stale, or for a round/version that is not open
+            self._note(uid, game, scale=scale)
+        elif op == 11:  # base version other than the open round's, its id consistent with it
             base = rng.choice([v - 1, v + 1, v + 10**6, 2**64 - 1, -1, float(v), True])
-            game, body = "base-version", self._update_body(uid, valid, base=base)
-            self.ledger.note(uid, EvilUpdate(game, name, EVIL_SAMPLES, scale, admissible=False))
-            payloads = evil.seal(topic, "update", body, version=v, round=r)
-            return Case(game, topic, payloads)
-        elif op == 12:
-            rr = rng.choice([r - 1, r + 1, r + 1000, 0])
-            game, body = "round-not-open", self._update_body(uid, valid)
-            self.ledger.note(uid, EvilUpdate(game, name, EVIL_SAMPLES, scale, admissible=False))
-            return Case(game, topic, evil.seal(topic, "update", body, version=v, round=max(rr, 0)))
+            game, body = "base-version", self._update_body(f"{name}/{r}/{base}", valid, base=base)
+            self._note(body["update_id"], game, scale=scale)
+            if isinstance(base, int) and not isinstance(base, bool) and base >= 0 and rng.random() < 0.7:
+                manifest["version"] = base
+        elif op == 12:  # a round that is not open, its id consistent with it
+            rr = max(0, rng.choice([r - 1, r + 1, r + 1000, 0]))
+            game, body = "round-not-open", self._update_body(self._evil_uid(rr, v), valid)
+            self._note(body["update_id"], game, scale=scale)
+            manifest["round"] = rr
         else:  # the body's fields swapped around, or missing
             body = self._update_body(uid, valid)
             k1, k2 = rng.sample(sorted(body), 2)
@@ -725,29 +743,34 @@ class CaseFactory:
             else:
                 del body[k1]
             game = f"update-fields:{k1}/{k2}"
-            self.ledger.note(uid, EvilUpdate(game, name, EVIL_SAMPLES, scale, admissible=False))
-        return Case(game, topic, evil.seal(topic, "update", body, version=v, round=r))
+            self._note(body.get("update_id"), game, scale=scale)
+        return Case(game, topic, evil.seal(topic, "update", body, **manifest))
 
     def preempt(self) -> Case:
         """Right after a round opens: an honest slave's update id for it, from the evil key,
         before that slave can send its own (an update belongs to its signer)."""
+        self._notes = []
         live, evil = self.live, self.roles.evil
         name = evil.identity.name
         topic = self.roles.topics.slave("update", name)
         uid = f"{self.rng.choice(self.roles.honest)}/{live.round}/{live.version}"
-        scale = float(self.rng.randint(1, 1000))
+        scale = self.rng.uniform(1, 50)
         body = self._update_body(uid, encode_state_dict(self.roles.evil_tensors(scale)))
-        self.ledger.note(uid, EvilUpdate("preempt-uid", name, EVIL_SAMPLES, scale, admissible=False))
-        return Case("preempt-uid", topic, evil.seal(topic, "update", body, version=live.version, round=live.round))
+        self._note(uid, "preempt-uid", scale=scale)
+        case = Case("preempt-uid", topic, evil.seal(topic, "update", body, version=live.version, round=live.round))
+        case.notes = self._notes
+        return case
 
     def evil_manifest(self) -> Case:
-        """Valid signature, hostile manifest: other job, sender, topic, kind, seq, sizes."""
+        """Valid signature and body, hostile manifest: other job, sender, topic, seq, sizes.
+        A manifest topic other than the one signed for and the timestamp are informational
+        (the signature binds the real topic): those updates may count, like an honest one."""
         rng, live, evil = self.rng, self.live, self.roles.evil
         name = evil.identity.name
         topic = self.roles.topics.slave("update", name)
-        uid = self._evil_uid(live.round, live.version)
-        body = self._update_body(uid, encode_state_dict(self.roles.evil_tensors(1.0)))
-        self.ledger.note(uid, EvilUpdate("manifest", name, EVIL_SAMPLES, 1.0, admissible=False))
+        uid = self._evil_uid()
+        scale = rng.uniform(1, 50)
+        body = self._update_body(uid, encode_state_dict(self.roles.evil_tensors(scale)))
         raw = cbor2.dumps(body)
         op = rng.randrange(9)
         kw: dict[str, Any] = {"version": live.version, "round": live.round}
@@ -769,6 +792,7 @@ class CaseFactory:
             game, kw["version"], kw["round"] = "manifest-version-round", rng.choice([10**9, 2**63]), rng.choice([10**9, 2**63])
         else:
             game, kw["ts"] = "manifest-ts", rng.choice([0, 2**63])
+        self._note(uid, game, scale=scale, admissible=game in ("manifest-topic", "manifest-ts"))
         return Case(game, topic, evil.seal(topic, "update", None, raw=raw, **kw))
 
     def evil_chunks(self) -> Case:
@@ -776,8 +800,9 @@ class CaseFactory:
         rng, live, evil = self.rng, self.live, self.roles.evil
         name = evil.identity.name
         topic = self.roles.topics.slave("update", name)
-        uid = self._evil_uid(live.round, live.version)
+        uid = self._evil_uid()
         game, tensors = hostile_tensors(rng, self.roles.spec)
+        self._note(uid, "chunks:" + game)
         raw = cbor2.dumps(self._update_body(uid, tensors))
         size = rng.choice([1024, 4096, 16384])
         parts = [raw[i:i + size] for i in range(0, len(raw), size)]
@@ -872,24 +897,25 @@ class CaseFactory:
         if op == 1:  # signed for and sent to another slave's topic
             topic = t.slave(rng.choice(["update", "confirm", "presence"]), rng.choice(self.roles.honest))
             uid = f"{rng.choice(self.roles.honest)}/{self.live.round}/{self.live.version}"
-            body = self._update_body(uid, encode_state_dict(self.roles.evil_tensors(1.0)))
-            self.ledger.note(uid, EvilUpdate("other-slave-topic", name, EVIL_SAMPLES, 1.0, admissible=False))
+            scale = rng.uniform(1, 50)
+            body = self._update_body(uid, encode_state_dict(self.roles.evil_tensors(scale)))
+            self._note(uid, "other-slave-topic", scale=scale)
             return Case("other-slave-topic", topic, evil.seal(topic, "update", body, version=self.live.version,
                                                               round=self.live.round))
         if op == 2:  # signed for its own topic, published on another slave's
             own = t.slave("update", name)
             return Case("signed-for-other-topic", t.slave("update", rng.choice(self.roles.honest)),
-                        evil.seal(own, "update", self._update_body(self._evil_uid(0, 0), {})))
+                        evil.seal(own, "update", self._update_body(self._evil_uid(), {})))
         if op == 3:
             job = rng.choice(["other", self.roles.topics.job])
             other = Topics(job if job != self.roles.topics.job else "other")
             topic = other.slave("update", name)
             return Case("other-job-topic", t.slave("update", name),
-                        evil.seal(topic, "update", self._update_body(self._evil_uid(0, 0), {}), job=job))
+                        evil.seal(topic, "update", self._update_body(self._evil_uid(), {}), job=job))
         body = {"run": rng.choice([self.live.run, "other-run", ""]), "tensors": {}}
         topic = t.slave("update", name)
         return Case("update-with-run", topic, evil.seal(topic, "update", {**body, **self._update_body(
-            self._evil_uid(0, 0), {"x": encode_tensor(torch.zeros(1))})}, version=self.live.version, round=self.live.round))
+            self._evil_uid(), {"x": encode_tensor(torch.zeros(1))})}, version=self.live.version, round=self.live.round))
 
     # -- other keys ---------------------------------------------------------------
 
@@ -925,7 +951,7 @@ class CaseFactory:
         """The master's messages forged by the evil key (its kid, or the master's kid with
         the evil key's signature), with hostile bodies, on the slaves' topics."""
         rng, evil, t = self.rng, self.roles.evil, self.roles.topics
-        topic = rng.choice([t.master("instruction"), t.master("model"), t.master("round"),
+        topic = rng.choice([t.master("instruction"), t.master("model"), t.master("round"), t.master("delta"),
                             t.direct(rng.choice(self.roles.honest))])
         name = topic.split("/")[-1] if "/to/" not in topic else "model"
         spec_model = {"arch": "mlp", "sizes": rng.choice([[64, 10**9, 10], [64, 128, 10], [64] * 10_000, "x"]), "seed": 0}
@@ -933,6 +959,8 @@ class CaseFactory:
             "instruction": {"run": "forged", "task": "digits", "model": spec_model, "train": {"epochs": 10**9},
                             "update": "delta", "requirements": {}, "round_policy": {"asynchronous": True}},
             "model": {"run": self.live.run, "tensors": hostile_tensors(rng, self.roles.spec)[1]},
+            "delta": {"run": self.live.run, "base_version": self.live.version, "base_digest": b"\x00" * 32,
+                      "tensors": hostile_tensors(rng, self.roles.spec)[1]},
             "round": {"run": self.live.run, "participants": self.roles.honest * rng.choice([1, 50_000]), "received": [],
                       "deadline": rng.choice([math.inf, math.nan, 1e300]), "update": "delta"},
         }

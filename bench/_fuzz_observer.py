@@ -19,7 +19,9 @@ exactly those updates over the previous version, recomputed here.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import queue
 import re
 import threading
@@ -36,11 +38,11 @@ from fedmq.common.channel import Inbox
 from fedmq.common.errors import ProtocolError
 from fedmq.common.keys import KeyRing
 from fedmq.common.strategies import ClientUpdate, make_strategy
-from fedmq.common.tensors import all_finite
+from fedmq.common.tensors import all_finite, as_float32_state
 from fedmq.common.topics import Topics, split_chunk_topic
 from fedmq.common.transport import Inbound, Transport
 
-from _fuzz_cases import EvilLedger, LiveState, Roles
+from _fuzz_cases import EvilLedger, EvilUpdate, LiveState, Roles
 
 CAPTURE_PER_TOPIC = 12
 ATOL = 1e-5
@@ -172,8 +174,8 @@ class Observer:
             elif kind == M.INSTRUCTION:
                 self.live.run = body.get("run", "")
             return
-        if kind == M.UPDATE:
-            tensors = M.tensors_of(body)
+        if kind == M.UPDATE:  # as the master decodes it (NaN kept: a NaN model makes NaN updates)
+            tensors = as_float32_state(M.tensors_of(body, finite=False))
             upd = ClientUpdate(msg.sender, body["kind"], tensors, body["samples"], body["base_version"])
             self.genuine[body["update_id"]] = Genuine(msg.sender, man.round, upd)
 
@@ -219,56 +221,70 @@ class Observer:
 
     def _check(self, v: int, ledger: EvilLedger, roles: Roles, logs: Path, declared: int) -> list[Violation]:
         row, new, prev = self.rows[v], self.models[v], self.models[v - 1]
+        ids = row.get("update_ids", [])
         bad = [n for n, t in new.items() if t.is_floating_point() and not all_finite(t)]
         if bad:
-            return [Violation("non-finite", "master", f"version {v} published with NaN/Inf in {bad}")]
-        updates: list[ClientUpdate] = []
-        uncapped: list[ClientUpdate] = []
-        hostile, forged = [], []
-        for uid in row.get("update_ids", []):
-            evil = ledger.updates.get(uid)
+            return [Violation("non-finite", "master", f"version {v} published with NaN/Inf in {bad} "
+                                                      f"(update_ids {ids})")]
+        honest: list[ClientUpdate] = []
+        hostile: dict[str, list[EvilUpdate]] = {}  # update id -> what the evil key sent under it
+        forged: list[str] = []
+        for uid in ids:
+            sent = ledger.updates.get(uid, [])
             g = self.genuine.get(uid)
             if g is not None:
-                updates.append(g.update)
-                uncapped.append(g.update)
-                if evil is not None:
-                    forged.append(f"{uid} (also sent by {evil.sender}: {evil.game})")
-                continue
-            if evil is not None:
-                tensors = roles.evil_tensors(evil.scale)
-                capped = ClientUpdate(evil.sender, "delta", tensors, max(1, min(evil.claimed, declared)), v - 1)
-                updates.append(capped)
-                uncapped.append(ClientUpdate(evil.sender, "delta", tensors, max(1, evil.claimed), v - 1))
-                hostile.append((uid, evil))
-                continue
-            if _sent_by_honest_slave(uid, logs):
+                honest.append(g.update)
+                if sent:
+                    forged.append(f"{uid} (also sent by {sent[0].sender}: {sorted({e.game for e in sent})})")
+            elif sent:
+                hostile[uid] = sent
+            elif _sent_by_honest_slave(uid, logs):
                 self.unchecked.append(v)  # genuine, but the witness missed the message: nothing to compare with
                 return []
-            return [Violation("model", "master", f"version {v}: update id {uid!r} was sent by no honest slave "
-                                                 f"and not by the fuzzer (update_ids {row.get('update_ids')})")]
-        out: list[Violation] = []
-        senders = [u.sender for u in updates]
+            else:
+                return [Violation("model", "master", f"version {v}: update id {uid!r} was sent by no honest slave "
+                                                     f"and not by the fuzzer (update_ids {ids})")]
+        senders = [g.update.sender for g in (self.genuine[u] for u in ids if u in self.genuine)] + \
+            [sent[0].sender for sent in hostile.values()]
         doubles = sorted({s for s in senders if senders.count(s) > 1})
         if doubles:
-            out.append(Violation("model", "master", f"version {v}: more than one update from {doubles} in one round "
-                                                    f"(update_ids {row.get('update_ids')})"))
-        for uid, evil in hostile:
-            if not evil.admissible:
-                out.append(Violation("model", "master", f"version {v}: hostile update {uid} ({evil.game}) was "
-                                                        f"aggregated; it must be refused"))
+            return [Violation("model", "master", f"version {v}: more than one update from {doubles} in one round "
+                                                 f"(update_ids {ids})")]
         strategy = make_strategy({"name": "fedavg"}, gradient_lr=self.gradient_lr)
-        expected = strategy.aggregate(prev, updates, v - 1)
-        diff = _max_diff(expected, new)
-        if diff > ATOL:
-            alt = _max_diff(strategy.aggregate(prev, uncapped, v - 1), new) if hostile else None
-            why = f"; matches the aggregate with uncapped weights (diff {alt:.3g}): samples not capped" \
-                if alt is not None and alt <= ATOL else ""
-            out.append(Violation("model", "master", f"version {v}: published model differs from FedAvg of its "
-                                                    f"update_ids over version {v - 1} by {diff:.3g}{why}"
-                                                    + (f"; forged ids: {forged}" if forged else "")))
-        elif hostile and not out:
-            self.bounded_accepts += [f"v{v}:{evil.game}" for _, evil in hostile]
-        return out
+
+        def diff_with(combo: tuple[EvilUpdate, ...], capped: bool = True) -> float:
+            extra = [ClientUpdate(e.sender, "delta", roles.evil_tensors(e.scale),
+                                  max(1, min(e.claimed, declared) if capped else e.claimed), v - 1) for e in combo]
+            return _max_diff(strategy.aggregate(prev, honest + extra, v - 1), new)
+
+        # Each hostile id stands for one of the updates sent under it: find the one that
+        # makes the published model (each has tensors of its own scale), if it is one of
+        # those whose tensors are known; weights capped at what the evil key declared.
+        known = [[e for e in sent if e.scale > 0] for sent in hostile.values()]
+        best = math.inf
+        for combo in itertools.islice(itertools.product(*known), 400):
+            diff = diff_with(combo)
+            best = min(best, diff)
+            if diff > ATOL:
+                continue
+            refused = [e.game for e in combo if not e.admissible]
+            if refused:
+                return [Violation("model", "master", f"version {v}: hostile update(s) {list(hostile)} ({refused}) "
+                                                     f"aggregated; they must be refused")]
+            self.bounded_accepts += [f"v{v}:{e.game}" for e in combo]
+            return []
+        forged_note = f"; forged ids: {forged}" if forged else ""
+        if hostile:
+            suspects = sorted({e.game for sent in hostile.values() for e in sent if e.scale == 0})
+            uncapped = any(diff_with(combo, capped=False) <= ATOL
+                           for combo in itertools.islice(itertools.product(*known), 400))
+            why = ("their claimed, uncapped sample counts" if uncapped else
+                   f"an update with hostile tensors, one of {suspects}")
+            return [Violation("model", "master", f"version {v}: hostile update(s) {list(hostile)} aggregated: "
+                                                 f"the model matches {why}" + forged_note)]
+        return [Violation("model", "master", f"version {v}: published model differs from FedAvg of its update_ids "
+                                             f"{ids} over version {v - 1} by {best if best < math.inf else _max_diff(strategy.aggregate(prev, honest, v - 1), new):.3g}"
+                                             + forged_note)]
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
