@@ -71,12 +71,13 @@ class LiveState:
 @dataclass
 class EvilUpdate:
     """An update the evil key sent that the master may accept (bounded influence), or
-    must refuse; `scale` regenerates its tensors (`Roles.evil_tensors`)."""
+    must refuse; `seed` regenerates its tensors (`Roles.evil_tensors`; 0: tensors of
+    another kind, not reproducible)."""
 
     game: str
     sender: str
     claimed: int
-    scale: float
+    seed: int
     admissible: bool  # true: accepted with capped weight is the documented behaviour
 
 
@@ -452,8 +453,9 @@ def hostile_tensors(rng: random.Random, spec: dict[str, tuple[int, ...]]) -> tup
     if op == 8:
         q = torch.zeros(shape, dtype=torch.int8)
         blocks = rng.choice([1, 2])
+        block = rng.choice([0, -1, 1.5, "2", None]) if blocks == 1 else rng.choice([n, n * 10, 2**62])
         item = {"q8": {"scale": encode_tensor(torch.ones(blocks)), "zero": 0, "codes": encode_tensor(q),
-                       "block": rng.choice([2**62, 0, -1, n * 10, 1.5])}}
+                       "block": block}}  # no block, or two scales where one block covers the tensor
         t[victim] = item
         return "q8-block", t
     if op == 9:  # coo bomb: a huge dense shape with one entry
@@ -538,12 +540,13 @@ class Roles:
         self.evil, self.rogue, self.outsider = (new_signer(i, topics.job, now) for i in (evil, rogue, outsider))
         self.kids = kids  # every known key id by name (master, slaves), to put in headers
         self.spec = spec
-        self._evil_delta = {n: torch.randn(s, generator=torch.Generator().manual_seed(7)) * 0.001
-                            for n, s in spec.items()}
 
-    def evil_tensors(self, scale: float) -> dict[str, torch.Tensor]:
-        """The tensors of an evil update that could pass every check (small, finite, right shapes)."""
-        return {n: t * scale for n, t in self._evil_delta.items()}
+    def evil_tensors(self, seed: int) -> dict[str, torch.Tensor]:
+        """The tensors of an evil update that could pass every check: finite, the model's
+        shapes, norm ~2 (under the default bound of 10). Each seed is a direction of its
+        own, so the witness can tell which of several such updates made a version."""
+        g = torch.Generator().manual_seed(seed)
+        return {n: torch.randn(s, generator=g) * 0.02 for n, s in self.spec.items()}
 
 
 class CaseFactory:
@@ -556,6 +559,7 @@ class CaseFactory:
         self.all_captured = [p for ps in self.captured.values() for p in ps]
         self.live = live
         self._notes: list[tuple[str, EvilUpdate]] = []
+        self._seeds = 1000  # evil tensors' seeds, one per update
         t = roles.topics
         self.master_targets = [t.slave(n, s) for n in ("confirm", "update", "presence")
                                for s in [*roles.honest, roles.evil.identity.name, roles.rogue.identity.name,
@@ -664,11 +668,15 @@ class CaseFactory:
         return f"{self.roles.evil.identity.name}/{self.live.round if r is None else r}/" \
                f"{self.live.version if v is None else v}"
 
-    def _note(self, uid: Any, game: str, *, scale: float = 0.0, claimed: int = EVIL_SAMPLES,
+    def _seed(self) -> int:
+        self._seeds += 1
+        return self._seeds
+
+    def _note(self, uid: Any, game: str, *, seed: int = 0, claimed: int = EVIL_SAMPLES,
               admissible: bool = False) -> None:
         """Remember what the evil key sends under `uid` (written to the ledger once it is published)."""
         if isinstance(uid, str):
-            self._notes.append((uid, EvilUpdate(game, self.roles.evil.identity.name, claimed, scale, admissible)))
+            self._notes.append((uid, EvilUpdate(game, self.roles.evil.identity.name, claimed, seed, admissible)))
 
     def _update_body(self, uid: Any, tensors: dict[str, Any], *, samples: Any = EVIL_SAMPLES, kind: Any = "delta",
                      base: Any = None, metrics: Any = None) -> dict[str, Any]:
@@ -684,10 +692,8 @@ class CaseFactory:
         topic = self.roles.topics.slave("update", name)
         r, v = live.round, live.version
         uid = self._evil_uid()
-        # tolerated updates stay under the default norm bound (10), so their effect can be
-        # recomputed exactly; a scale of its own names the update that moved the model
-        scale = rng.uniform(1, 50)
-        valid = encode_state_dict(self.roles.evil_tensors(scale))
+        seed = self._seed()
+        valid = encode_state_dict(self.roles.evil_tensors(seed))
         op = rng.randrange(14)
         manifest = {"version": v, "round": r}
         if op < 5:
@@ -697,11 +703,11 @@ class CaseFactory:
         elif op == 5:  # the documented bound: weight capped to what the slave declared
             claimed = rng.choice([EVIL_SAMPLES + 1, 10**6, 2**40, 2**63 - 1, 2**64 - 1])
             game, body = "samples-huge", self._update_body(uid, valid, samples=claimed)
-            self._note(uid, game, scale=scale, claimed=claimed, admissible=True)
+            self._note(uid, game, seed=seed, claimed=claimed, admissible=True)
         elif op == 6:
             samples = rng.choice([0, -1, 1.5, True, "40", None, [40], CBORTag(2, b"\x01" * 20), math.nan])
             game, body = "samples-bad", self._update_body(uid, valid, samples=samples)
-            self._note(uid, game, scale=scale)
+            self._note(uid, game, seed=seed)
         elif op == 7:  # metrics are informational: junk there may be accepted, with the capped weight
             metrics = rng.choice([{"bytes_in": rng.choice([2**64 - 1, -1, -(2**63), 2**62])},
                                   {"bytes_in": math.nan}, {"bytes_in": "x"}, {"x" * 1000: 1.0},
@@ -709,31 +715,31 @@ class CaseFactory:
                                   _deep_map(rng.choice([5, 14])), [], "m"])
             game = "metrics-junk"
             body = self._update_body(uid, valid, metrics=metrics)
-            self._note(uid, game, scale=scale, admissible=isinstance(metrics, dict))
+            self._note(uid, game, seed=seed, admissible=isinstance(metrics, dict))
         elif op == 8:  # another slave's update id: an update belongs to its signer
             uid = f"{rng.choice(self.roles.honest)}/{r}/{v}"
             game, body = "uid-of-other-slave", self._update_body(uid, valid)
-            self._note(uid, game, scale=scale)
+            self._note(uid, game, seed=seed)
         elif op == 9:  # not exactly SENDER/ROUND/VERSION
             bad_uid = rng.choice([7, b"id", None, "", "x" * rng.choice([1000, 500_000]), "\u202e\x00", ["a"],
                                   uid + "#2", uid + " ", uid + "\x00", uid.upper(), f"{name}/{r + 1}/{v}",
                                   f"{name}/{r}/{v + 1}", f"{name}/{r}/{v}/0", f"{name}//{r}/{v}", f"./{uid}"])
             game, body = "uid-bad", self._update_body(bad_uid, valid)
-            self._note(bad_uid, game, scale=scale)
+            self._note(bad_uid, game, seed=seed)
         elif op == 10:
             kind = rng.choice(["foo", "", "DELTA", 1, None, "model", "gradient ", ["delta"]])
             game, body = "update-kind", self._update_body(uid, valid, kind=kind)
-            self._note(uid, game, scale=scale)
+            self._note(uid, game, seed=seed)
         elif op == 11:  # base version other than the open round's, its id consistent with it
             base = rng.choice([v - 1, v + 1, v + 10**6, 2**64 - 1, -1, float(v), True])
             game, body = "base-version", self._update_body(f"{name}/{r}/{base}", valid, base=base)
-            self._note(body["update_id"], game, scale=scale)
+            self._note(body["update_id"], game, seed=seed)
             if isinstance(base, int) and not isinstance(base, bool) and base >= 0 and rng.random() < 0.7:
                 manifest["version"] = base
         elif op == 12:  # a round that is not open, its id consistent with it
             rr = max(0, rng.choice([r - 1, r + 1, r + 1000, 0]))
             game, body = "round-not-open", self._update_body(self._evil_uid(rr, v), valid)
-            self._note(body["update_id"], game, scale=scale)
+            self._note(body["update_id"], game, seed=seed)
             manifest["round"] = rr
         else:  # the body's fields swapped around, or missing
             body = self._update_body(uid, valid)
@@ -743,7 +749,7 @@ class CaseFactory:
             else:
                 del body[k1]
             game = f"update-fields:{k1}/{k2}"
-            self._note(body.get("update_id"), game, scale=scale)
+            self._note(body.get("update_id"), game, seed=seed)
         return Case(game, topic, evil.seal(topic, "update", body, **manifest))
 
     def preempt(self) -> Case:
@@ -754,9 +760,9 @@ class CaseFactory:
         name = evil.identity.name
         topic = self.roles.topics.slave("update", name)
         uid = f"{self.rng.choice(self.roles.honest)}/{live.round}/{live.version}"
-        scale = self.rng.uniform(1, 50)
-        body = self._update_body(uid, encode_state_dict(self.roles.evil_tensors(scale)))
-        self._note(uid, "preempt-uid", scale=scale)
+        seed = self._seed()
+        body = self._update_body(uid, encode_state_dict(self.roles.evil_tensors(seed)))
+        self._note(uid, "preempt-uid", seed=seed)
         case = Case("preempt-uid", topic, evil.seal(topic, "update", body, version=live.version, round=live.round))
         case.notes = self._notes
         return case
@@ -769,8 +775,8 @@ class CaseFactory:
         name = evil.identity.name
         topic = self.roles.topics.slave("update", name)
         uid = self._evil_uid()
-        scale = rng.uniform(1, 50)
-        body = self._update_body(uid, encode_state_dict(self.roles.evil_tensors(scale)))
+        seed = self._seed()
+        body = self._update_body(uid, encode_state_dict(self.roles.evil_tensors(seed)))
         raw = cbor2.dumps(body)
         op = rng.randrange(9)
         kw: dict[str, Any] = {"version": live.version, "round": live.round}
@@ -792,7 +798,7 @@ class CaseFactory:
             game, kw["version"], kw["round"] = "manifest-version-round", rng.choice([10**9, 2**63]), rng.choice([10**9, 2**63])
         else:
             game, kw["ts"] = "manifest-ts", rng.choice([0, 2**63])
-        self._note(uid, game, scale=scale, admissible=game in ("manifest-topic", "manifest-ts"))
+        self._note(uid, game, seed=seed, admissible=game in ("manifest-topic", "manifest-ts"))
         return Case(game, topic, evil.seal(topic, "update", None, raw=raw, **kw))
 
     def evil_chunks(self) -> Case:
@@ -897,9 +903,9 @@ class CaseFactory:
         if op == 1:  # signed for and sent to another slave's topic
             topic = t.slave(rng.choice(["update", "confirm", "presence"]), rng.choice(self.roles.honest))
             uid = f"{rng.choice(self.roles.honest)}/{self.live.round}/{self.live.version}"
-            scale = rng.uniform(1, 50)
-            body = self._update_body(uid, encode_state_dict(self.roles.evil_tensors(scale)))
-            self._note(uid, "other-slave-topic", scale=scale)
+            seed = self._seed()
+            body = self._update_body(uid, encode_state_dict(self.roles.evil_tensors(seed)))
+            self._note(uid, "other-slave-topic", seed=seed)
             return Case("other-slave-topic", topic, evil.seal(topic, "update", body, version=self.live.version,
                                                               round=self.live.round))
         if op == 2:  # signed for its own topic, published on another slave's
@@ -927,7 +933,7 @@ class CaseFactory:
         topic = t.slave(rng.choice(["update", "presence"]), name)
         kind = "update" if topic.split("/")[-2] == "update" else "presence"
         body = self._update_body(f"{name}/{self.live.round}/{self.live.version}",
-                                 encode_state_dict(self.roles.evil_tensors(1.0))) if kind == "update" \
+                                 encode_state_dict(self.roles.evil_tensors(1))) if kind == "update" \
             else {"state": "online", "version": 0}
         seq = rogue.next_seq + rng.choice([0, 3600 * 10**6, 80_000 * 10**6]) if rng.random() < 0.3 else None
         return Case(f"rogue-{kind}" + ("-seq-ahead" if seq else ""), topic,

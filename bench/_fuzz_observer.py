@@ -253,14 +253,14 @@ class Observer:
         strategy = make_strategy({"name": "fedavg"}, gradient_lr=self.gradient_lr)
 
         def diff_with(combo: tuple[EvilUpdate, ...], capped: bool = True) -> float:
-            extra = [ClientUpdate(e.sender, "delta", roles.evil_tensors(e.scale),
+            extra = [ClientUpdate(e.sender, "delta", roles.evil_tensors(e.seed),
                                   max(1, min(e.claimed, declared) if capped else e.claimed), v - 1) for e in combo]
             return _max_diff(strategy.aggregate(prev, honest + extra, v - 1), new)
 
         # Each hostile id stands for one of the updates sent under it: find the one that
-        # makes the published model (each has tensors of its own scale), if it is one of
+        # makes the published model (each has tensors of its own seed), if it is one of
         # those whose tensors are known; weights capped at what the evil key declared.
-        known = [[e for e in sent if e.scale > 0] for sent in hostile.values()]
+        known = [[e for e in sent if e.seed > 0] for sent in hostile.values()]
         best = math.inf
         for combo in itertools.islice(itertools.product(*known), 400):
             diff = diff_with(combo)
@@ -275,7 +275,7 @@ class Observer:
             return []
         forged_note = f"; forged ids: {forged}" if forged else ""
         if hostile:
-            suspects = sorted({e.game for sent in hostile.values() for e in sent if e.scale == 0})
+            suspects = sorted({e.game for sent in hostile.values() for e in sent if e.seed == 0})
             uncapped = any(diff_with(combo, capped=False) <= ATOL
                            for combo in itertools.islice(itertools.product(*known), 400))
             why = ("their claimed, uncapped sample counts" if uncapped else

@@ -41,11 +41,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -54,11 +52,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-HONEST = ["slave-00", "slave-01"]
-EVIL, ROGUE, OUTSIDER = "slave-02", "slave-03", "slave-04"
-LR = 0.1
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the _fuzz_* helpers beside this file
 
 
 class Stop(Exception):
@@ -69,213 +63,42 @@ def _on_sigterm(*_: Any) -> None:
     raise Stop()
 
 
-# ---------------------------------------------------------------- publishing
-
-
-class Publisher:
-    """A paho client that publishes the hostile cases, paced and with bounded in-flight QoS 1."""
-
-    def __init__(self, settings: dict[str, Any], sent: set[bytes]) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        self.sent = sent
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"fedmq-fuzzer-{os.getpid()}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.max_inflight_messages_set(50)
-        self.client.connect(settings["host"], settings["port"], keepalive=30)
-        self.client.loop_start()
-        self.pending: collections.deque = collections.deque()
-        self.count = 0
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        self.sent.add(hashlib.sha256(payload).digest())  # before it can arrive at the witness
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        self.count += 1
-        if qos:
-            self.pending.append(info)
-        while len(self.pending) > 200:
-            self.pending[0].wait_for_publish(10)
-            self.pending.popleft()
-
-    def flush(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.pending and time.monotonic() < deadline:
-            self.pending[0].wait_for_publish(max(0.1, deadline - time.monotonic()))
-            self.pending.popleft()
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-# ---------------------------------------------------------------- daemon health
-
-
-class Health:
-    """Crashes (exits, tracebacks in the logs) and resident memory of the daemons."""
-
-    def __init__(self, fleet: Any, names: list[str]) -> None:
-        import psutil
-
-        self.fleet, self.names = fleet, names
-        self.procs = {n: psutil.Process(fleet.procs[n].pid) for n in names}
-        self.offsets = dict.fromkeys(names, 0)
-        self.crashes: list[dict[str, str]] = []
-        self.errors: dict[str, int] = dict.fromkeys(names, 0)
-        self.baseline: dict[str, int] = {}
-        self.peak: dict[str, int] = {}
-        self._reported_exit: set[str] = set()
-
-    def rss(self) -> dict[str, int]:
-        out = {}
-        for n, p in self.procs.items():
-            try:
-                out[n] = p.memory_info().rss
-            except Exception:  # noqa: BLE001 - exited: reported as a crash
-                pass
-        return out
-
-    def start_memory(self) -> None:
-        self.baseline = self.rss()
-        self.peak = dict(self.baseline)
-
-    def poll(self) -> bool:
-        """Look at the processes and the new log lines; True if something crashed since the last call."""
-        before = len(self.crashes)
-        for n in self.names:
-            code = self.fleet.procs[n].poll()
-            if code is not None and n not in self._reported_exit:
-                self._reported_exit.add(n)
-                self.crashes.append({"daemon": n, "kind": "exit", "detail": f"exit code {code}; log tail:\n"
-                                     + "\n".join(_short(x) for x in self.fleet.log(n).splitlines()[-30:])})
-            self._scan_log(n)
-        for n, v in self.rss().items():
-            self.peak[n] = max(self.peak.get(n, 0), v)
-        return len(self.crashes) > before
-
-    def _scan_log(self, name: str) -> None:
-        path = self.fleet.root / "logs" / f"{name}.log"
-        try:
-            with open(path, "rb") as f:
-                f.seek(self.offsets[name])
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return
-        cut = text.rfind("\n") + 1  # complete lines only
-        text = text[:cut]
-        self.offsets[name] += len(text.encode(errors="replace"))
-        lines = text.splitlines()
-        for i, line in enumerate(lines):
-            if " ERROR " in line or " CRITICAL " in line:
-                self.errors[name] += 1
-            if line.startswith("Traceback (most recent call last)"):
-                self.crashes.append({"daemon": name, "kind": "traceback",
-                                     "detail": "\n".join(_short(x) for x in lines[max(0, i - 2): i + 40])})
-
-
-def _short(line: str, limit: int = 400) -> str:
-    """A log line as evidence: hostile input can make a daemon log megabytes in one line."""
-    return line if len(line) <= limit else f"{line[:limit]}... ({len(line)} characters)"
-
-
-# ---------------------------------------------------------------- the run
-
-
-def job_overrides() -> dict[str, Any]:
-    return {
-        "job": {"rounds": 1_000_000},  # never finishes while fuzzed
-        # quorum 2: the honest pair closes a round; the evil key is a participant that
-        # never answers validly
-        "rounds": {"min_slaves": 2, "quorum": 2, "deadline": 10.0, "start_wait": 60.0},
-    }
-
-
-def slave_overrides() -> dict[str, dict[str, Any]]:
-    # ~0.03 s of local training stretched to ~0.5 s: a few versions a second would
-    # grow the master's per-version history faster than anything the fuzzer does
-    return {n: {"slave": {"slowdown": 15.0}} for n in HONEST}
-
-
-def wait_for(cond, timeout: float, health: Health | None = None, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if health is not None and health.poll():
-            raise RuntimeError(f"a daemon crashed while waiting for {what}: {health.crashes[-1]}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
-
-
-def broker_drops(log: Path) -> int:
-    try:
-        text = log.read_text(errors="replace")
-    except OSError:
-        return 0
-    return len(re.findall(r"dropped|Dropping|exceeded", text))
-
-
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from _fuzz_cases import CaseFactory, EvilLedger, Roles, enrollment_messages, EVIL_SAMPLES
-    from _fuzz_observer import Observer, slave_adoptions
-
-    from fedmq.broker import start_broker
-    from fedmq.common.keys import KeyRing, load_identity, load_public_key
-    from fedmq.common.topics import Topics
-    from fedmq.demo import JOB, LocalFleet
+    from _fuzz_cases import EVIL_SAMPLES, CaseFactory, EvilLedger
+    from _fuzz_live import EVIL, HONEST, LiveJob, broker_drops, wait_for
+    from _fuzz_observer import slave_adoptions
 
     rng = random.Random(args.seed)
-    exclude = tuple(g for g in args.exclude.split(",") if g) if args.exclude else ("\0",)
-    broker = start_broker("mosquitto", data_dir=work / "broker", persistence=False)
-    fleet = observer = publisher = None
-    t0 = time.monotonic()
-    try:
-        fleet = LocalFleet(work / "fleet", broker.settings, slaves=5, rounds=1_000_000, job=job_overrides(),
-                           slave_overrides=slave_overrides(), not_allowed=(OUTSIDER,))
-        private, keys = fleet.root / "private", fleet.root / "keys"
-        ids = {n: load_identity(private / f"{n}.key", name=n) for n in (EVIL, ROGUE, OUTSIDER)}
-        ring = KeyRing()
-        for name in ["master", *HONEST]:
-            ring.add(name, load_public_key(keys / f"{name}.pub"))
-        kids = {name: load_identity(private / f"{name}.key", name=name).kid for name in ["master", *HONEST, EVIL]}
-        topics = Topics(JOB)
-        sent: set[bytes] = set()
-        observer = Observer(broker.settings, topics, ring, HONEST, LR, sent=sent)
-        if not observer.transport.wait_connected(30):
-            raise RuntimeError("the witness could not connect to the broker")
-        for name in HONEST + ["master"]:
-            fleet.start(name)
-        daemons = ["master", *HONEST]
-        health = Health(fleet, daemons)
-
-        # 1. capture
-        wait_for(lambda: observer.version() >= args.capture_versions, args.start_timeout, health,
-                 f"{args.capture_versions} versions (capture)")
-        wait_for(lambda: 0 in observer.models, 30, health, "the witness to hold version 0")
-        spec = {n: tuple(t.shape) for n, t in observer.models[0].items()}
-        roles = Roles(topics, honest=HONEST, evil=ids[EVIL], rogue=ids[ROGUE], outsider=ids[OUTSIDER], kids=kids,
-                      spec=spec, now=time.time())
-        publisher = Publisher(broker.settings, sent)
-        for topic, payload, retain in enrollment_messages(roles):
-            publisher.publish(topic, payload, retain=retain)
-        wait_for(lambda: EVIL in observer.snapshot().participants, 60, health, f"{EVIL} to take part in a round")
-        observer.capturing = False
-        captured = {t: list(p) for t, p in observer.captured.items()}
-        capture_seconds = time.monotonic() - t0
+    exclude = tuple(g for g in args.exclude.split(",") if g) or ("\0",)
+    only = tuple(g for g in args.only.split(",") if g) or ("",)
+    with LiveJob(work, capture_versions=args.capture_versions, start_timeout=args.start_timeout) as job:
+        observer, publisher, health, roles = job.observer, job.publisher, job.health, job.roles
+        assert observer is not None and publisher is not None
+        logs = job.fleet.root / "logs"
         version_start = observer.version()
-
-        # 2. fuzz
         ledger = EvilLedger()
         live = observer.snapshot()
-        factory = CaseFactory(rng, roles, captured, live)
+        factory = CaseFactory(rng, roles, job.captured, live)
         games: collections.Counter[str] = collections.Counter()
         ring_buf: collections.deque = collections.deque(maxlen=args.ring)
         violations: list[dict[str, str]] = []
+
+        def refresh() -> None:
+            snap = observer.snapshot()
+            live.round, live.version, live.participants, live.run = snap.round, snap.version, snap.participants, snap.run
+
         health.poll()
         health.start_memory()
         fuzz_start = time.monotonic()
-        next_at = fuzz_start
-        last_check = last_enroll = fuzz_start
+        series: list[list[float]] = []  # [seconds since fuzzing began, RSS MB of each daemon]
+
+        def sample() -> None:
+            if not series or time.monotonic() - fuzz_start - series[-1][0] >= 10.0:
+                rss = health.rss()
+                series.append([round(time.monotonic() - fuzz_start, 1)]
+                              + [round(rss.get(n, 0) / 2**20, 1) for n in health.names])
+
+        next_at = last_check = last_enroll = fuzz_start
         preempts = 0
         interval = 1.0 / args.rate
         while publisher.count < args.messages:
@@ -283,28 +106,23 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             if now - last_check >= 0.5:
                 last_check = now
                 crashed = health.poll()
-                snap = observer.snapshot()
-                live.round, live.version, live.participants, live.run = snap.round, snap.version, snap.participants, snap.run
-                violations += [v.as_dict() for v in observer.check_versions(ledger, roles, fleet.root / "logs",
+                sample()
+                refresh()
+                violations += [v.as_dict() for v in observer.check_versions(ledger, roles, logs,
                                                                             declared=EVIL_SAMPLES)]
                 if EVIL not in live.participants and now - last_enroll > 3.0:
                     last_enroll = now  # the evil key declined or went offline in some game: back in
-                    for topic, payload, retain in enrollment_messages(roles):
-                        publisher.publish(topic, payload, retain=retain)
-                if (crashed or violations) and not args.keep_going:
-                    break
-                if now - fuzz_start > args.timeout:
+                    job.enroll_evil()
+                if (crashed or violations) and not args.keep_going or now - fuzz_start > args.timeout:
                     break
             if observer.new_round.is_set():  # race the honest slaves: their update ids, from the evil key, first
                 observer.new_round.clear()
-                snap = observer.snapshot()
-                live.round, live.version, live.participants = snap.round, snap.version, snap.participants
-                if rng.random() < 0.5 and not "preempt-uid".startswith(exclude):
+                refresh()
+                if rng.random() < 0.5 and not "preempt-uid".startswith(exclude) and "preempt-uid".startswith(only):
                     preempts += 1
-                    case = factory.preempt()
-                    _send(publisher, case, games, ring_buf, ledger)
+                    _send(publisher, factory.preempt(), games, ring_buf, ledger)
             case = factory.next()
-            while case.game.startswith(exclude):
+            while case.game.startswith(exclude) or not case.game.startswith(only):
                 case = factory.next()
             _send(publisher, case, games, ring_buf, ledger)
             next_at += interval * len(case.payloads)
@@ -317,36 +135,38 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         fuzz_seconds = time.monotonic() - fuzz_start
         version_end_fuzz = observer.version()
 
-        # 3. settle: the job must go on, memory should come back
+        # settle: the job must go on, partial messages expire, memory should come back
         settle_end = time.monotonic() + args.settle
         progressed = lambda: observer.version() > version_end_fuzz  # noqa: E731
         while time.monotonic() < settle_end or (not progressed() and time.monotonic() < settle_end + 60):
             health.poll()
+            sample()
             time.sleep(0.25)
         health.poll()
         rss_after = health.rss()
         wait_for(observer.drained, 30, None, "the witness to drain its queue")
-        violations += [v.as_dict() for v in observer.check_versions(ledger, roles, fleet.root / "logs",
-                                                                    final=True, declared=EVIL_SAMPLES)]
+        violations += [v.as_dict() for v in observer.check_versions(ledger, roles, logs, final=True,
+                                                                    declared=EVIL_SAMPLES)]
         published = set(observer.published_versions)
         for name in HONEST:
-            for v in slave_adoptions(fleet.log(name)):
+            for v in slave_adoptions(job.fleet.log(name)):
                 if v not in published:
                     violations.append({"kind": "slave-model", "who": name,
                                        "detail": f"adopted model version {v}, which the master never published"})
-        growth = {n: round((rss_after[n] - health.baseline[n]) / 2**20, 1) for n in daemons
-                  if n in rss_after and n in health.baseline}  # an exited daemon is a crash, not a shrink
-        peak = {n: round((health.peak.get(n, 0) - health.baseline.get(n, 0)) / 2**20, 1) for n in daemons}
+        growth = health.growth_mb(rss_after)
+        peak = health.growth_mb(health.peak)
         status = observer.status
         summary: dict[str, Any] = {
             "messages": publisher.count, "cases": sum(games.values()), "seed": args.seed, "rate": args.rate,
-            "excluded_games": list(args.exclude.split(",")) if args.exclude else [],
+            "excluded_games": [g for g in args.exclude.split(",") if g],
+            "only_games": [g for g in args.only.split(",") if g],
             "crashes": len(health.crashes),
             "model_changes": sum(1 for v in violations if v["kind"] in ("model", "non-finite", "slave-model")),
-            "rss_growth_mb": max(growth.values()) if growth else None,
-            "rss_peak_growth_mb": max(peak.values()) if peak else None,
+            "rss_growth_mb": max(growth.values(), default=None),
+            "rss_peak_growth_mb": max(peak.values(), default=None),
             "rss_growth_mb_by_daemon": growth, "rss_peak_growth_mb_by_daemon": peak,
             "rss_baseline_mb": {n: round(v / 2**20, 1) for n, v in health.baseline.items()},
+            "rss_series_mb": {"daemons": health.names, "samples": series},
             "versions_checked": len(observer.checked) - len(observer.unchecked),
             "versions_unchecked": len(observer.unchecked),
             "versions_during_fuzz": version_end_fuzz - version_start,
@@ -354,11 +174,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "bounded_accepts": len(observer.bounded_accepts),
             "preempts": preempts,
             "error_log_lines": health.errors,
-            "broker_drop_lines": broker_drops(work / "broker" / "mosquitto.log"),
+            "broker_drop_lines": broker_drops(job.broker.log_path),
             "master_rejected": status.get("rejected", {}), "master_duplicates": status.get("duplicates"),
             "witness_unverified": dict(observer.unverified),
-            "fuzz_seconds": round(fuzz_seconds, 1), "capture_seconds": round(capture_seconds, 1),
-            "captured_topics": len(captured), "captured_payloads": sum(len(p) for p in captured.values()),
+            "fuzz_seconds": round(fuzz_seconds, 1), "capture_seconds": round(job.capture_seconds, 1),
+            "captured_topics": len(job.captured), "captured_payloads": sum(len(p) for p in job.captured.values()),
             "games": dict(sorted(_family_counts(games).items())),
             "crash_details": health.crashes, "violations": violations,
             "load_avg_1m_end": round(os.getloadavg()[0], 2),
@@ -369,17 +189,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                             "last_cases": list(ring_buf)}, indent=1) + "\n")
             summary["findings"] = str(findings)
         return summary
-    finally:
-        if publisher is not None:
-            publisher.close()
-        if observer is not None:
-            observer.close()
-        if fleet is not None:
-            fleet.stop_all()
-        broker.stop()
 
 
-def _send(publisher: Publisher, case: Any, games: collections.Counter, ring_buf: collections.deque,
+def _send(publisher: Any, case: Any, games: collections.Counter, ring_buf: collections.deque,
           ledger: Any) -> None:
     for uid, upd in case.notes:  # before it can arrive: the witness may check the version it makes
         ledger.note(uid, upd)
@@ -413,6 +225,7 @@ def main() -> None:
     ap.add_argument("--keep-going", action="store_true", help="do not stop at the first crash or violation")
     ap.add_argument("--exclude", default="", help="comma-separated game name prefixes not to play "
                     "(e.g. games whose finding is known and not fixed yet)")
+    ap.add_argument("--only", default="", help="comma-separated game name prefixes: play only these")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the fleet, logs and findings here")
     args = ap.parse_args()
     if args.timeout is None:
