@@ -134,9 +134,12 @@ class Health:
                 self.crashes.append({"daemon": n, "kind": "exit", "detail": f"exit code {code}; log tail:\n"
                                      + "\n".join(_short(x) for x in self.fleet.log(n).splitlines()[-30:])})
             self._scan_log(n)
+        self.sample_peak()
+        return len(self.crashes) > before
+
+    def sample_peak(self) -> None:
         for n, v in self.rss().items():
             self.peak[n] = max(self.peak.get(n, 0), v)
-        return len(self.crashes) > before
 
     def _scan_log(self, name: str) -> None:
         path = self.fleet.root / "logs" / f"{name}.log"
