@@ -912,16 +912,17 @@ class CaseFactory:
             own = t.slave("update", name)
             return Case("signed-for-other-topic", t.slave("update", rng.choice(self.roles.honest)),
                         evil.seal(own, "update", self._update_body(self._evil_uid(), {})))
-        if op == 3:
-            job = rng.choice(["other", self.roles.topics.job])
-            other = Topics(job if job != self.roles.topics.job else "other")
-            topic = other.slave("update", name)
-            return Case("other-job-topic", t.slave("update", name),
-                        evil.seal(topic, "update", self._update_body(self._evil_uid(), {}), job=job))
-        body = {"run": rng.choice([self.live.run, "other-run", ""]), "tensors": {}}
+        if op == 3:  # a message of another job (signed for its topic, or for this one), sent here
+            signed_for = rng.choice([Topics("other").slave("update", name), t.slave("update", name)])
+            return Case("other-job", t.slave("update", name),
+                        evil.seal(signed_for, "update", self._update_body(self._evil_uid(), {}), job="other"))
+        # an update of another run of the job: updates carry no run, so it is only a stray key
+        # (and tensors that do not fit the model)
+        body = {**self._update_body(self._evil_uid(), {"x": encode_tensor(torch.zeros(1))}),
+                "run": rng.choice([self.live.run, "other-run", ""])}
         topic = t.slave("update", name)
-        return Case("update-with-run", topic, evil.seal(topic, "update", {**body, **self._update_body(
-            self._evil_uid(), {"x": encode_tensor(torch.zeros(1))})}, version=self.live.version, round=self.live.round))
+        return Case("update-with-run", topic, evil.seal(topic, "update", body, version=self.live.version,
+                                                        round=self.live.round))
 
     # -- other keys ---------------------------------------------------------------
 

@@ -105,7 +105,8 @@ class Observer:
         self.worker.join(timeout=10)
 
     def drained(self) -> bool:
-        return self.q.empty()
+        """Every message received so far is handled (not merely taken off the queue)."""
+        return self.q.unfinished_tasks == 0
 
     # ------------------------------------------------------------ receiving
 
@@ -117,9 +118,11 @@ class Observer:
             try:
                 self._on(msg)
             except Exception as exc:  # noqa: BLE001 - a bug here must not silence the witness
+                key = f"witness error {type(exc).__name__}"
                 with self.lock:
-                    self.unverified[f"observer error {type(exc).__name__}"] = \
-                        self.unverified.get(f"observer error {type(exc).__name__}", 0) + 1
+                    self.unverified[key] = self.unverified.get(key, 0) + 1
+            finally:
+                self.q.task_done()
 
     def _on(self, msg: Inbound) -> None:
         self.seen += 1
