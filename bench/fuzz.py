@@ -56,10 +56,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the _fuzz_* helpers 
 
 
 class Stop(Exception):
-    """SIGTERM: leave through the `finally` blocks that stop every process."""
+    """SIGTERM or SIGINT: leave through the `finally` blocks that stop every process."""
 
 
-def _on_sigterm(*_: Any) -> None:
+def _on_signal(*_: Any) -> None:
     raise Stop()
 
 
@@ -234,13 +234,16 @@ def main() -> None:
 
     if find_mosquitto() is None:
         sys.exit("fuzz: needs the mosquitto binary (apt-get install mosquitto)")
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # SIGINT too, explicitly: a shell starts background jobs with SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler of its own
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fedmq-fuzz-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     try:
         summary = run(args, work)
-    except (Stop, KeyboardInterrupt):
+    except Stop:
         print("fuzz: stopped; every process it started is stopped", file=sys.stderr)
         sys.exit(130)
     summary["wall_seconds"] = round(time.time() - started, 1)

@@ -17,6 +17,7 @@ exits 1 if any finding reproduced.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -149,11 +150,30 @@ def replay(job: LiveJob, name: str, finding: Finding) -> str | None:
     return "; ".join(why) or None
 
 
+class Stop(Exception):
+    """SIGTERM or SIGINT: leave through the `finally` that stops every process."""
+
+
+def _on_signal(*_: Any) -> None:
+    raise Stop()
+
+
 def main() -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
     names = sys.argv[1:] or list(FINDINGS)
     unknown = [n for n in names if n not in FINDINGS]
     if unknown:
         sys.exit(f"replay: unknown finding(s) {unknown}; known: {', '.join(FINDINGS)}")
+    try:
+        results = run_all(names)
+    except Stop:
+        sys.exit("replay: stopped; every process it started is stopped")
+    print(json.dumps(results))
+    sys.exit(1 if any(r["reproduced"] for r in results.values()) else 0)
+
+
+def run_all(names: list[str]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fedmq-fuzz-replay-") as tmp:
         job: LiveJob | None = None
@@ -174,8 +194,7 @@ def main() -> None:
         finally:
             if job is not None:
                 job.close()
-    print(json.dumps(results))
-    sys.exit(1 if any(r["reproduced"] for r in results.values()) else 0)
+    return results
 
 
 if __name__ == "__main__":
