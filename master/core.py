@@ -39,26 +39,24 @@ from fedmq.common.effects import Ack, Checkpoint, Effect, Finish, Journal, Log, 
 from fedmq.common.errors import ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.strategies import ClientUpdate, Strategy
-from fedmq.common.privacy import epsilon_spent
 from fedmq.common.update_safety import all_finite_params
 
 from . import checkpoint
 from .job import instruction_body
 from .intake import Refusal, UpdateIntake
 from .downlink import ModelPublisher
+from .enrollment import Enrollment, Outcome
 from .ledger import UpdateLedger
 from .modelstore import ModelStore, Params
 from .phase import JobPhase
 from .registry import SlaveRegistry
 from .rejections import Rejections
-from .report import StatusBoard, Traffic, metrics_row
+from .report import StatusBoard, Traffic, version_row
 from .rounds import Rounds
 from .schedule import RoundState, keep_bases_for, make_schedule
 
 COALESCE_SECONDS = 1.0  # slave-driven status changes and async round re-announcements: at most one per this
 STATUS_SECONDS = 10.0  # the retained status is republished at least this often: its `updated` is the heartbeat
-RECONFIRM_SECONDS = 30.0  # a slave is asked to confirm again at most once per this
-NO_BODY = b"\xa0"  # an empty CBOR map: the journal body of a record that carries none
 Evaluator = Callable[[Params], Mapping[str, float]]
 
 
@@ -89,6 +87,7 @@ class MasterCore:
         self.board = StatusBoard(self.topics.master("status"), COALESCE_SECONDS)
         self.publisher = ModelPublisher(cfg.compression.downlink, self.store, self.topics)
         self.traffic = Traffic()
+        self.enrollment = Enrollment(self.registry, self.topics, self.publisher, cfg.policy)
         self.contributions: dict[str, int] = {}  # slave -> updates of it the strategy used (for the DP accounting)
         self.started_at: float | None = None
         self.history: list[dict[str, Any]] = []
@@ -139,40 +138,25 @@ class MasterCore:
             slave.last_seen = now
             self.registry.going_offline.pop(msg.sender, None)  # heard from since its "offline"
         if msg.kind in (M.CONFIRM, M.DECLINE):
-            return self._on_confirm(msg, now) + _ack(token)
+            return self._act(self.enrollment.confirm(msg, now, self.run), now) + _ack(token)
         if msg.kind == M.PRESENCE and msg.enrolled:  # an allowed key, perhaps not confirmed yet
             self.registry.record(msg.sender, now)
             online = msg.body["state"] == "online"
-            fx = self._on_presence(msg.sender, online, now, grace=not online)
-            if online and self.registry.enrolled(msg.sender) and self.publisher.settings.delta:
-                # back online: it may have missed deltas, and cannot follow the next one without its base
-                fx.append(self._direct_model(msg.sender))
-            return fx + (self._ask_to_confirm(msg.sender, now) if online else []) + _ack(token)
+            return self._act(self.enrollment.presence(msg.sender, online, now, self.run), now) + _ack(token)
         if not self.registry.enrolled(msg.sender):
             self.registry.ignore(msg.sender, "sent an update without being enrolled" if msg.kind == M.UPDATE
                                  else "not enrolled")
             fx = self.on_rejected(Reason.NOT_ENROLLED, msg.sender, now)
-            return fx + (self._ask_to_confirm(msg.sender, now) if msg.enrolled else []) + _ack(token)
+            return fx + (self.enrollment.ask_to_confirm(msg.sender, now, self.run) if msg.enrolled else []) + _ack(token)
         return self._on_update(msg, now, token)
 
     def on_connection(self, up: bool, now: float) -> list[Effect]:
-        """The shell's own broker connection came up or went down. "offline" presences
-        still in their grace period are dropped when it goes down: a broker that stops
-        cleanly publishes every client's will first, and those say nothing about the slaves."""
-        if up or not self.registry.going_offline:
-            return []
-        dropped, self.registry.going_offline = sorted(self.registry.going_offline), {}
-        return [Log("info", f"connection to the broker lost: ignoring the offline presence of {len(dropped)} "
-                            f"slave(s) that came just before ({', '.join(dropped[:5])}{', ...' if len(dropped) > 5 else ''})")]
+        """The shell's own broker connection came up or went down (see `Enrollment.connection`)."""
+        return self.enrollment.connection(up)
 
     def on_keys_added(self, names: list[str], now: float) -> list[Effect]:
         """New keys in the allowlist: ask those slaves to confirm (they may have tried while unknown)."""
-        fx: list[Effect] = []
-        for name in names:
-            if not self.registry.enrolled(name):
-                self.registry.not_enrolled.pop(name, None)
-                fx += [Log("info", f"key of {name} added to the allowlist")] + self._ask_to_confirm(name, now, force=True)
-        return fx
+        return self.enrollment.keys_added(names, now, self.run)
 
     def on_rejected(self, reason: str, sender: str | None, now: float, detail: str = "") -> list[Effect]:
         """Count a rejected message (the shell reports those it could not verify)."""
@@ -185,7 +169,7 @@ class MasterCore:
             return []
         fx: list[Effect] = self.rounds.announce_if_due(now, self.version, self.run)
         for name in self.registry.offline_due(now, self.cfg.policy.offline_grace):
-            fx += self._on_presence(name, False, now)
+            fx += self._act(self.enrollment.presence(name, False, now, self.run, grace=False), now)
         if self.round is None:
             fx += self._maybe_start_round(now)
         else:
@@ -204,37 +188,12 @@ class MasterCore:
 
     # ------------------------------------------------------------ enrollment and presence
 
-    def _on_confirm(self, msg: Received, now: float) -> list[Effect]:
-        admission, fx = self.registry.on_confirm(msg, now)
-        if admission == "rejected":
-            return fx
-        if admission == "declined":
-            return fx + self._status(now) + self._availability(msg.sender, False, now)
-        # Durable before acted on: the daemon syncs the journal before the model goes out.
-        fx.append(Journal(self.registry.enrollment_record(msg.sender), NO_BODY))
-        fx.append(self._direct_model(msg.sender))
-        return fx + self._join_or_start(msg.sender, now) + self._status(now)
-
-    def _ask_to_confirm(self, name: str, now: float, *, force: bool = False) -> list[Effect]:
-        """A slave whose key is allowed but that is not enrolled (the master lost its
-        enrollment, or it confirmed while its key was unknown): ask it to confirm again."""
-        rec = self.registry.get(name)
-        if self.registry.enrolled(name) or (rec is not None and rec.declined):
-            return []
-        if not self.registry.should_ask(name, now, 0.0 if force else RECONFIRM_SECONDS):
-            return []
-        return [Publish(self.topics.direct(name), M.RECONFIRM, {"run": self.run, "reason": "not enrolled"})]
-
-    def _on_presence(self, name: str, online: bool, now: float, *, grace: bool = False) -> list[Effect]:
-        """Presence: "offline" takes effect after `offline_grace` unless `grace` is off (the
-        silence timeout waited already); see `on_connection` for why."""
-        if grace and self.cfg.policy.offline_grace > 0 and self.registry.slaves[name].online:
-            self.registry.going_offline.setdefault(name, now)
-            return []
-        fx = self.registry.set_online(name, online)
-        changed = bool(fx)
-        fx += self._availability(name, online, now)
-        return fx + (self._status(now) if changed else [])
+    def _act(self, out: Outcome, now: float) -> list[Effect]:
+        """Carry out what enrollment decided: its effects, then each change of availability."""
+        fx = list(out.effects)
+        for name, available in out.changes:
+            fx += self._availability(name, available, now)
+        return fx + (self._status(now) if out.status else [])
 
     def _availability(self, name: str, online: bool, now: float) -> list[Effect]:
         """A slave became available (join or start a round) or not (the round may close now)."""
@@ -255,7 +214,7 @@ class MasterCore:
         fx: list[Effect] = []
         for name in self.registry.silent(rnd.participants, rnd.answered, rnd.started, now, limit):
             fx += [Log("warning", f"{name} silent for {limit:.0f} s; presumed offline")]
-            fx += self._on_presence(name, False, now)
+            fx += self._act(self.enrollment.presence(name, False, now, self.run, grace=False), now)
             if self.round is not rnd:  # that closed the round
                 break
         return fx
@@ -383,17 +342,8 @@ class MasterCore:
             return self._discard(rnd, bad, now, strategy_before)
         version = self.store.adopt(params)
         self.ledger.mark_applied(list(rnd.updates), version, self.schedule.horizon)
-        row = metrics_row(rnd, version, {n: s.bytes_in for n, s in self.slaves.items()}, now)
-        row.update(self.schedule.row(list(rnd.updates.values()), version))
-        row["aggregation_seconds"] = round(self._aggregation_seconds, 6)
-        row["traffic"] = self.traffic.take_round()
-        if (dp := self.cfg.privacy) is not None:  # the slave that sent the most updates spent the most
-            row["epsilon"] = epsilon_spent(dp.noise_multiplier, 1.0, max(self.contributions.values(), default=0),
-                                           dp.delta)
+        row = version_row(self, rnd, version, now)
         self._aggregation_seconds = 0.0
-        if self.evaluate is not None:
-            scores = self.evaluate(self.store.params)
-            row.update({k: float(scores[k]) for k in ("accuracy", "loss") if k in scores})
         self.history.append(row)
         self.rounds.close()
         target = self.cfg.target_accuracy
@@ -436,11 +386,6 @@ class MasterCore:
     def _instruction(self) -> Publish:
         return Publish(self.topics.master("instruction"), M.INSTRUCTION, instruction_body(self.cfg, self.run),
                        retain=True)
-
-    def _direct_model(self, name: str) -> Publish:
-        """The model devices hold now, for one slave (after enrollment, or back online)."""
-        version, _ = self.publisher.held()
-        return Publish(self.topics.direct(name), M.MODEL, self.publisher.model_body(self.run), version=version)
 
     def _model_effect(self) -> Publish:
         return self.publisher.retained(self.run, self.round_number)
