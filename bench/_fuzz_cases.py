@@ -51,11 +51,10 @@ class Case:
     payloads: list[bytes]
     retain: bool = False
     qos: int = 1
-    topics: list[str] | None = None  # per payload, when they differ (retained chunks)
     notes: list[tuple[str, EvilUpdate]] = field(default_factory=list)  # evil updates it carries, by update_id
 
     def publishes(self) -> list[tuple[str, bytes]]:
-        return list(zip(self.topics or [self.topic] * len(self.payloads), self.payloads))
+        return [(self.topic, p) for p in self.payloads]
 
 
 @dataclass
@@ -577,7 +576,7 @@ class CaseFactory:
         self._weights = [w for w, _ in self.games]
 
     def next(self) -> Case:
-        self._notes: list[tuple[str, EvilUpdate]] = []
+        self._notes = []
         _, make = self.rng.choices(self.games, weights=self._weights)[0]
         case = make()
         case.notes = self._notes
