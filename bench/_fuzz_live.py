@@ -100,6 +100,7 @@ class Health:
         self.offsets = dict.fromkeys(names, 0)
         self.crashes: list[dict[str, str]] = []
         self.errors: dict[str, int] = dict.fromkeys(names, 0)
+        self.longest_line: dict[str, int] = dict.fromkeys(names, 0)  # hostile input must not make log lines long
         self.baseline: dict[str, int] = {}
         self.peak: dict[str, int] = {}
         self._exited: set[str] = set()
@@ -153,6 +154,7 @@ class Health:
         self.offsets[name] += len(data)
         lines = data.decode(errors="replace").splitlines()
         for i, line in enumerate(lines):
+            self.longest_line[name] = max(self.longest_line[name], len(line))
             if " ERROR " in line or " CRITICAL " in line:
                 self.errors[name] += 1
             if line.startswith("Traceback (most recent call last)"):

@@ -174,6 +174,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "bounded_accepts": len(observer.bounded_accepts),
             "preempts": preempts,
             "error_log_lines": health.errors,
+            "log_mb": {n: round((logs / f"{n}.log").stat().st_size / 2**20, 1) for n in health.names},
+            "longest_log_line": health.longest_line,
             "broker_drop_lines": broker_drops(job.broker.log_path),
             "master_rejected": status.get("rejected", {}), "master_duplicates": status.get("duplicates"),
             "witness_unverified": dict(observer.unverified),

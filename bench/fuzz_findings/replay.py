@@ -42,7 +42,7 @@ class Finding:
     title: str
     build: Callable[[LiveJob, LiveState, EvilLedger], list[Message]]
     max_peak_mb: float | None = None  # the master's RSS may not rise more than this
-    max_log_kb: float | None = None  # the master's log may not grow more than this
+    max_log_kb: float | None = None  # no daemon's log may grow more than this
 
 
 def _update(job: LiveJob, live: LiveState, uid: str, tensors: dict[str, Any], samples: int = EVIL_SAMPLES) -> Message:
@@ -99,6 +99,16 @@ def f6_coo_bomb(job: LiveJob, live: LiveState, ledger: EvilLedger) -> list[Messa
     return [_update(job, live, uid, tensors)]
 
 
+def f8_alg_of_megabytes(job: LiveJob, live: LiveState, ledger: EvilLedger) -> list[Message]:
+    """No key needed: a COSE_Sign1 whose protected header's alg is 1.5 MB of text, on a
+    topic the master reads and on one the slaves read."""
+    import cbor2
+    from cbor2 import CBORTag
+
+    junk = cbor2.dumps(CBORTag(18, [cbor2.dumps({1: "x" * 1_500_000, 4: b"k" * 16}), {-65537: b""}, b"", bytes(64)]))
+    return [(job.topics.slave("update", "nobody"), [junk]), (job.topics.master("round"), [junk])]
+
+
 FINDINGS: dict[str, Finding] = {
     "F1": Finding("update id not bound to its signer", f1_foreign_update_id),
     "F2": Finding("master exits: status too large for the broker", f2_decline_reason_3mb),
@@ -107,6 +117,7 @@ FINDINGS: dict[str, Finding] = {
     "F5": Finding("a huge finite update aggregated: the model is ruined", f5_finite_overflow),
     "F6": Finding("coo bomb allocated before the shape check", f6_coo_bomb, max_peak_mb=50.0),
     "F7": Finding("a remote party's decline reason logged in full", f2_decline_reason_3mb, max_log_kb=64.0),
+    "F8": Finding("an unsigned message's alg logged in full", f8_alg_of_megabytes, max_log_kb=64.0),
 }
 
 
@@ -121,8 +132,8 @@ def replay(job: LiveJob, name: str, finding: Finding) -> str | None:
     wait_for(observer.new_round.is_set, 60, health, "a new round")
     live = observer.snapshot()
     ledger = EvilLedger()
-    log = job.fleet.root / "logs" / "master.log"
-    log_before = log.stat().st_size
+    logs = {n: job.fleet.root / "logs" / f"{n}.log" for n in ("master", *HONEST)}
+    log_before = {n: p.stat().st_size for n, p in logs.items()}
     health.poll()
     health.start_memory()
     for topic, payloads in finding.build(job, live, ledger):
@@ -144,9 +155,10 @@ def replay(job: LiveJob, name: str, finding: Finding) -> str | None:
     peak = health.growth_mb(health.peak).get("master", 0.0)
     if finding.max_peak_mb is not None and peak > finding.max_peak_mb:
         why.append(f"master RSS peaked {peak} MB above its level before the message")
-    grown = (log.stat().st_size - log_before) / 1024
-    if finding.max_log_kb is not None and grown > finding.max_log_kb:
-        why.append(f"master log grew {grown:.0f} kB")
+    for n, p in logs.items():
+        grown = (p.stat().st_size - log_before[n]) / 1024
+        if finding.max_log_kb is not None and grown > finding.max_log_kb:
+            why.append(f"{n} log grew {grown:.0f} kB")
     return "; ".join(why) or None
 
 
