@@ -11,7 +11,7 @@ momentum, shuffling seeded with the round number on both sides, FedAvg weighted 
 samples over all clients, centralized accuracy on the test set after every round.
 
 * **fedmq**, twice per scenario: uncompressed (``fedmq_dense``) and with the job's
-  ``[compression] preset = --compression`` (``fedmq``; default "topk", see
+  ``[compression] preset = --compression`` (``fedmq``; default "lean", see
   docs/PROTOCOL.md 8.1). `fedmq.demo.LocalFleet` — one master and N slave processes
   against a Mosquitto started here on a free port. The slaves connect through one
   listener of a counting TCP proxy, the master through another, so bytes from/to slaves
@@ -441,7 +441,7 @@ RATIO_KEYS = ["seconds_per_round", "seconds_to_090", "wall_to_090", "bytes_up", 
 FEDMQ_KEYS = ["master_bytes_up", "master_bytes_down", "master_bytes_up_per_round_steady",
               "master_bytes_down_per_round_steady", "broker_peak_rss_mb", "same_split", "compression",
               "master_traffic", "downlink"]
-DEFAULT_COMPRESSION = "topk"
+DEFAULT_COMPRESSION = "lean"
 
 
 def summarize_all(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
