@@ -213,7 +213,8 @@ def run_fedmq(work: Path, data: dict[str, Any], clients: int, rounds: int, slow:
              "updates": r.get("updates")} for t, r in arrivals]
     out = summarize(rows, t_launch, proxy, {"": "slaves", "master_": "master"}, t_done)
     out.update({
-        "system": "fedmq", "compression": compression, "clients": clients, "slow_clients": sorted(slow), "slowdown": slowdown,
+        "system": "fedmq", "compression": compression, "clients": clients, "slow_clients": sorted(slow),
+        "slowdown": slowdown,
         "master_exit": master_exit, "same_split": split_ok, "broker": f"mosquitto {broker.host}:{broker.port}",
         "updates_per_round": [r["updates"] for r in sorted(rows, key=lambda r: r["round"])],
         "server_peak_rss_mb": round(sampler.peak_tree.get("server", 0) / 2**20, 1),
@@ -462,7 +463,8 @@ def summarize_all(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     summary[f"{system}{suffix}_{k}"] = r.get(k)
         for ratio, system in (("ratio", "fedmq"), ("ratio_dense", "fedmq_dense")):
             for k in RATIO_KEYS:
-                summary[f"{ratio}{suffix}_{k}"] = _ratio(summary[f"flower{suffix}_{k}"], summary[f"{system}{suffix}_{k}"])
+                summary[f"{ratio}{suffix}_{k}"] = _ratio(summary[f"flower{suffix}_{k}"],
+                                                         summary[f"{system}{suffix}_{k}"])
     return summary
 
 

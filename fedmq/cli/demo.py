@@ -75,7 +75,8 @@ def demo(slaves: int, rounds: int, broker: tuple[str, int] | None, broker_kind: 
     for direction, what in (("up", "received"), ("down", "published, one copy each")):
         kinds = data["traffic"].get(direction, {})
         if kinds:
-            click.echo(f"master {what}: " + ", ".join(f"{k} {n:,}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])))
+            by_size = sorted(kinds.items(), key=lambda kv: -kv[1])
+            click.echo(f"master {what}: " + ", ".join(f"{k} {n:,}" for k, n in by_size))
     picture = draw_report(data, report / PICTURE) if data["rounds"] else None
     click.echo(f"picture: {picture}" if picture else "no picture: pip install 'fedmq[plot]' for matplotlib")
     if result.master_exit != 0 or len(data["rounds"]) < rounds:
