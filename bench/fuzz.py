@@ -1,7 +1,8 @@
 """Fuzzing live daemons: hostile MQTT traffic against a running master and slaves (docs/BENCHMARKS.md).
 
-    python bench/fuzz.py --messages 100000             # the recorded run
+    python bench/fuzz.py --messages 100000 --rate 250 --seed 11 --settle 130 --keep-going   # the recorded run
     python bench/fuzz.py --messages 2000 --seed 1      # a smoke run (tests/bench_smoke/test_fuzz_smoke.py)
+    python bench/fuzz.py --only chunks --messages 5000 # one family of games (--exclude: all but some)
 
 A Mosquitto of its own on a free loopback port (anonymous, like the tests' broker:
 the point is what the daemons do with hostile input, not the ACL, so the fuzzer may
@@ -31,10 +32,12 @@ numbers far ahead), `slave-04` is not in the allowlist (*outsider*).
    * ``rss_growth_mb``: the largest growth of a daemon's resident memory from the start
      of fuzzing to the end of the settle period (``rss_peak_growth_mb``: during it).
 
-The last line of stdout is JSON. On a crash or a violation the last `--ring` cases are
-saved under the work directory (findings.json); reduced reproductions of what was found
-live in bench/fuzz_findings/. Every process started here is stopped on exit, SIGTERM
-and SIGINT.
+The first crash or violation ends the fuzzing unless `--keep-going`. The last line of
+stdout is JSON (also: cases per game family, the master's rejections by reason, log
+sizes and longest log lines, an RSS series). On a crash or a violation the last `--ring`
+cases are saved under the work directory (findings.json); reduced reproductions of what
+was found live in bench/fuzz_findings/. Every process started here is stopped on exit, SIGTERM
+and SIGINT (bench/_procs.py).
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -53,14 +55,6 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the _fuzz_* helpers beside this file
-
-
-class Stop(Exception):
-    """SIGTERM or SIGINT: leave through the `finally` blocks that stop every process."""
-
-
-def _on_signal(*_: Any) -> None:
-    raise Stop()
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -215,6 +209,9 @@ def _family_counts(games: collections.Counter) -> dict[str, int]:
 
 
 def main() -> None:
+    from _procs import stop_children_on_exit
+
+    stop_children_on_exit()  # SIGTERM/SIGINT leave through LiveJob's cleanup; nothing outlives this process
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=2000, help="MQTT publishes to send (chunks count one each)")
     ap.add_argument("--seed", type=int, default=0)
@@ -236,18 +233,10 @@ def main() -> None:
 
     if find_mosquitto() is None:
         sys.exit("fuzz: needs the mosquitto binary (apt-get install mosquitto)")
-    # SIGINT too, explicitly: a shell starts background jobs with SIGINT ignored, and
-    # Python then installs no KeyboardInterrupt handler of its own
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _on_signal)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fedmq-fuzz-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    try:
-        summary = run(args, work)
-    except Stop:
-        print("fuzz: stopped; every process it started is stopped", file=sys.stderr)
-        sys.exit(130)
+    summary = run(args, work)
     summary["wall_seconds"] = round(time.time() - started, 1)
     summary["workdir"] = str(work) if (args.workdir or summary.get("findings")) else None
     if not args.workdir and not summary.get("findings"):

@@ -17,7 +17,6 @@ exits 1 if any finding reproduced.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the _fuz
 import torch  # noqa: E402
 from _fuzz_cases import EVIL_SAMPLES, EvilLedger, EvilUpdate, LiveState  # noqa: E402
 from _fuzz_live import EVIL, HONEST, LiveJob, wait_for  # noqa: E402
+from _procs import stop_children_on_exit  # noqa: E402
 
 from fedmq.common.keys import raw_public_bytes  # noqa: E402
 from fedmq.common.tensors import encode_sparse, encode_state_dict  # noqa: E402
@@ -162,25 +162,13 @@ def replay(job: LiveJob, name: str, finding: Finding) -> str | None:
     return "; ".join(why) or None
 
 
-class Stop(Exception):
-    """SIGTERM or SIGINT: leave through the `finally` that stops every process."""
-
-
-def _on_signal(*_: Any) -> None:
-    raise Stop()
-
-
 def main() -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _on_signal)
+    stop_children_on_exit()  # SIGTERM/SIGINT leave through LiveJob's cleanup; nothing outlives this process
     names = sys.argv[1:] or list(FINDINGS)
     unknown = [n for n in names if n not in FINDINGS]
     if unknown:
         sys.exit(f"replay: unknown finding(s) {unknown}; known: {', '.join(FINDINGS)}")
-    try:
-        results = run_all(names)
-    except Stop:
-        sys.exit("replay: stopped; every process it started is stopped")
+    results = run_all(names)
     print(json.dumps(results))
     sys.exit(1 if any(r["reproduced"] for r in results.values()) else 0)
 
