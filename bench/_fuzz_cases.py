@@ -1,16 +1,15 @@
-"""Hostile MQTT payloads for bench/fuzz.py: mutated captures, CBOR and COSE games, signed hostile bodies.
+"""The fuzzer's hostile MQTT messages: what to publish next, on which topic, signed by which key.
 
-Every generator returns a `Case`: the topic, the payloads to publish on it in order
-(several for a chunked message), and what it is (`game`), so a finding names the
-game that caused it. Three families:
+`CaseFactory.next` draws a game and returns a `Case`: the topic, the payloads to
+publish on it in order (several for a chunked message), and what it is (`game`), so a
+finding names the game that caused it. Three families:
 
-* **unsigned**: random bytes and CBOR, and mutations of captured valid messages (bit
-  flips, truncations, insertions, splices, CBOR-level and COSE-header games). The
-  signature no longer verifies, or -- where only the unsigned COSE header changed --
-  it does and the chunk logic sees the junk.
+* **unsigned**: random bytes and CBOR, and mutations of captured valid messages
+  (bench/_fuzz_mutations.py), replays, retained junk.
 * **signed by an enrolled key** (`evil`, whose private key the fleet made): hostile
-  manifests and bodies that pass the signature check and reach the schema, the
-  tensor decoder, the round logic and the aggregation screen of the master.
+  manifests and bodies (hostile tensors: bench/_fuzz_tensors.py) that pass the
+  signature check and reach the schema, the tensor decoder, the round logic and the
+  aggregation screen of the master.
 * **signed by other keys**: an allowlisted key that never enrolls (`rogue`, the one
   that may be locked out by a sequence number far ahead), a key the allowlist does
   not hold (`outsider`), and forgeries of the master's messages (the slaves only
@@ -26,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,11 +32,13 @@ import cbor2
 import torch
 from cbor2 import CBORTag
 
-from fedmq.common.envelope import (ALG_EDDSA, COSE_SIGN1_TAG, HDR_ALG, HDR_BODY, HDR_CHUNK, HDR_KID, Manifest,
-                                   protected_header, sig_structure)
+from fedmq.common.envelope import COSE_SIGN1_TAG, HDR_BODY, HDR_CHUNK, Manifest, protected_header, sig_structure
 from fedmq.common.keys import Identity, raw_public_bytes
-from fedmq.common.tensors import encode_quantized, encode_sparse, encode_state_dict, encode_tensor
+from fedmq.common.tensors import encode_state_dict, encode_tensor
 from fedmq.common.topics import Topics, chunk_topic
+
+from _fuzz_mutations import cbor_bombs, cose, cose_variants, mutate_bytes, random_cbor, safe_dumps, split_cose
+from _fuzz_tensors import hostile_tensors
 
 EVIL_SAMPLES = 40  # what the evil key declares when it enrolls (the cap of its weight)
 MAX_PAYLOAD = 1_900_000  # under Mosquitto's max_packet_size (2 MiB) with the topic and headers
@@ -89,260 +89,6 @@ class EvilLedger:
 
     def note(self, uid: str, upd: EvilUpdate) -> None:
         self.updates.setdefault(uid, []).append(upd)
-
-
-# ---------------------------------------------------------------- raw CBOR
-
-
-def head(major: int, n: int, width: int | None = None) -> bytes:
-    """A CBOR item head; `width` forces a non-minimal length encoding (1, 2, 4 or 8 bytes)."""
-    if width is None:
-        width = 0 if n < 24 else 1 if n < 256 else 2 if n < 65536 else 4 if n < 2**32 else 8
-    if width == 0:
-        return bytes([major << 5 | n])
-    ai = {1: 24, 2: 25, 4: 26, 8: 27}[width]
-    return bytes([major << 5 | ai]) + n.to_bytes(width, "big")
-
-
-def raw_map(pairs: list[tuple[Any, Any]]) -> bytes:
-    """A CBOR map from pairs, duplicates allowed (cbor2 cannot write those)."""
-    return head(5, len(pairs)) + b"".join(cbor2.dumps(k) + cbor2.dumps(v) for k, v in pairs)
-
-
-def cose(protected: bytes, unprotected: Any, payload: bytes, signature: bytes, tag: int = COSE_SIGN1_TAG) -> bytes:
-    return cbor2.dumps(CBORTag(tag, [protected, unprotected, payload, signature]))
-
-
-def nested(depth: int, leaf: bytes = b"\x00", container: bytes = b"\x81") -> bytes:
-    return container * depth + leaf
-
-
-def cbor_bombs(rng: random.Random) -> bytes:
-    """Short inputs that claim a lot or nest deep."""
-    choices: list[Callable[[], bytes]] = [
-        lambda: head(2, 2**63 - 1, 8) + b"xx",  # byte string claiming 8 EiB
-        lambda: head(3, 2**32, 8) + b"ab",
-        lambda: head(4, 2**40, 8) + b"\x00",  # array claiming 2^40 items
-        lambda: head(5, 2**31, 4) + b"\x00\x00",
-        lambda: nested(rng.choice([17, 100, 1000, 20000])),  # deep definite arrays
-        lambda: nested(rng.choice([17, 100, 5000]), container=b"\x9f") + b"\xff" * 3,  # indefinite arrays
-        lambda: nested(rng.choice([50, 3000]), container=b"\xa1\x00"),  # maps of maps
-        lambda: nested(rng.choice([50, 3000]), container=b"\xd8\x28"),  # tag 40 in tag 40 ...
-        lambda: b"\x5f" + b"\x41a" * rng.randint(1, 5000) + b"\xff",  # indefinite byte string, many pieces
-        lambda: b"\x5f\x61a\xff",  # indefinite bytes with a text piece
-        lambda: b"\xc2" + head(2, 4096) + bytes([0xff]) * 4096,  # bignum of 32 kbit
-        lambda: b"\xd8\x24" + cbor2.dumps("Content-Type: multipart/mixed; boundary=x\n\n" + "--x\n" * 200),  # MIME
-        lambda: b"\xd8\x1c" + b"\x81" + b"\xd8\x1d\x00",  # shared reference to itself
-        lambda: b"\xd9\x01\x02" + cbor2.dumps([1, 1, 1]),  # set with duplicates
-        lambda: b"\xd9\xd9\xf7" * 50 + b"\x00",  # self-describe tags
-        lambda: b"\xf8\x10",  # simple value 16
-        lambda: b"\xf7" + b"\x00",  # undefined then trailing bytes
-        lambda: b"\xfb" + struct.pack(">d", math.nan),
-        lambda: b"\x1b" + (2**64 - 1).to_bytes(8, "big"),
-        lambda: bytes([0x1c]),  # reserved additional info
-        lambda: b"\xa2\x01\x02\x01\x03",  # duplicate keys
-        lambda: b"\xd2\x84" + b"\x40" * 3 + head(2, 2**62, 8),  # COSE_Sign1 whose signature claims 4 EiB
-    ]
-    return rng.choice(choices)()
-
-
-def random_cbor(rng: random.Random, depth: int = 0) -> Any:
-    kind = rng.randrange(12 if depth < 4 else 7)
-    if kind == 0:
-        return rng.choice([0, -1, 1, 23, 24, 255, 2**31, -(2**63), 2**64 - 1])
-    if kind == 1:
-        return rng.choice([0.0, -0.0, 1.5, math.nan, math.inf, -math.inf, 1e308, 5e-324])
-    if kind == 2:
-        return rng.randbytes(rng.choice([0, 1, 8, 16, 32, 64, 300]))
-    if kind == 3:
-        return rng.choice(["", "a", "\x00", "\u202e", "x" * 300, "update", "model", "master", "slave-00"])
-    if kind == 4:
-        return rng.choice([None, True, False])
-    if kind == 5:
-        return CBORTag(rng.choice([18, 24, 40, 64, 72, 85, 98, 1234]), rng.randbytes(8))
-    if kind == 6:
-        return CBORTag(40, [[rng.randint(0, 9)], CBORTag(85, rng.randbytes(rng.choice([0, 4, 8])))])
-    if kind in (7, 8):
-        return [random_cbor(rng, depth + 1) for _ in range(rng.randint(0, 4))]
-    if kind in (9, 10):
-        return {random_key(rng): random_cbor(rng, depth + 1) for _ in range(rng.randint(0, 4))}
-    return CBORTag(rng.choice([0, 1, 2, 3, 4, 5, 18, 25, 28, 29, 30, 35, 36, 37, 40, 258, 55799]), random_cbor(rng, depth + 1))
-
-
-def random_key(rng: random.Random) -> Any:
-    """A map key: text as fedmq uses, or the scalars a hostile sender might use instead."""
-    if rng.random() < 0.7:
-        return rng.choice(["v", "kind", "job", "tensors", "x", "update_id", "samples", 1, -65537, -65538])
-    return rng.choice([1.0, -65537.0, True, None, b"k", -1, 2**64 - 1, math.nan, "", "\x00", CBORTag(2, b"\x01")])
-
-
-def safe_dumps(value: Any) -> bytes:
-    try:
-        return cbor2.dumps(value)
-    except Exception:  # noqa: BLE001 - some random values (e.g. odd tags) do not encode
-        return b"\xf6"
-
-
-# ---------------------------------------------------------------- byte mutations
-
-
-def mutate_bytes(rng: random.Random, data: bytes, others: list[bytes]) -> tuple[str, bytes]:
-    b = bytearray(data)
-    op = rng.randrange(9)
-    if not b:
-        return "empty+junk", rng.randbytes(rng.randint(1, 64))
-    if op == 0:
-        for _ in range(rng.choice([1, 1, 2, 4, 8])):
-            i = rng.randrange(len(b))
-            b[i] ^= 1 << rng.randrange(8)
-        return "bitflip", bytes(b)
-    if op == 1:
-        for _ in range(rng.choice([1, 2, 8])):
-            b[rng.randrange(len(b))] = rng.choice([0x00, 0xff, 0x7f, 0x80, 0x1b, 0x5b, 0x9f, 0xbf, 0xd8])
-        return "byteset", bytes(b)
-    if op == 2:
-        return "truncate", bytes(b[: rng.randrange(len(b))])
-    if op == 3:
-        i = rng.randrange(len(b) + 1)
-        return "insert", bytes(b[:i] + rng.randbytes(rng.choice([1, 2, 9, 100])) + b[i:])
-    if op == 4:
-        i = rng.randrange(len(b))
-        j = min(len(b), i + rng.choice([1, 4, 64, 4096]))
-        return "delete", bytes(b[:i] + b[j:])
-    if op == 5:
-        i = rng.randrange(len(b))
-        j = min(len(b), i + rng.choice([1, 16, 256]))
-        return "duplicate-range", bytes(b[:j] + b[i:j] + b[j:])
-    if op == 6:
-        other = rng.choice(others) if others else rng.randbytes(64)
-        i, j = rng.randrange(len(b)), rng.randrange(len(other) + 1)
-        return "splice", bytes(b[:i] + other[j:])
-    if op == 7:
-        return "trailing-junk", bytes(b) + rng.choice([b"\x00", b"\xff", cbor2.dumps({"x": 1}), rng.randbytes(32)])
-    # an integer head rewritten somewhere: lengths become huge
-    i = rng.randrange(len(b))
-    return "length-bomb", bytes(b[:i] + bytes([b[i] & 0xe0 | 27]) + (2**62).to_bytes(8, "big") + b[i + 1:])
-
-
-# ---------------------------------------------------------------- COSE-level mutations of a captured message
-
-
-def split_cose(data: bytes) -> tuple[bytes, dict, bytes, bytes] | None:
-    try:
-        obj = cbor2.loads(data)
-    except Exception:  # noqa: BLE001
-        return None
-    if not isinstance(obj, CBORTag) or obj.tag != COSE_SIGN1_TAG or len(obj.value) != 4:
-        return None
-    prot, unprot, payload, sig = obj.value
-    return prot, dict(unprot), payload, sig
-
-
-MANIFEST_KEYS = ("v", "kind", "job", "sender", "topic", "seq", "ts", "version", "round", "size", "sha256", "chunks")
-
-
-def manifest_variants(rng: random.Random, m: dict[str, Any], kids: list[bytes]) -> tuple[str, bytes]:
-    """A captured manifest changed at the CBOR level (the signature no longer covers it,
-    but `Manifest.decode` runs before the signature check)."""
-    m = dict(m)
-    key = rng.choice(MANIFEST_KEYS)
-    op = rng.randrange(10)
-    if op == 0:
-        other = rng.choice(MANIFEST_KEYS)
-        m[key], m[other] = m.get(other), m.get(key)
-        return f"manifest-swap:{key}/{other}", cbor2.dumps(m)
-    if op == 1:
-        v = m.get(key)
-        m[key] = float(v) if isinstance(v, int) else 1.0
-        return f"manifest-float:{key}", cbor2.dumps(m)
-    if op == 2:
-        m[key] = rng.choice([2**64 - 1, -(2**64), 2**63, -1, CBORTag(2, b"\xff" * 600)])
-        return f"manifest-huge:{key}", safe_dumps(m)
-    if op == 3:
-        pairs = list(m.items()) + [(key, rng.choice([0, "x", b"", 2**40]))]
-        return f"manifest-dupkey:{key}", raw_map(pairs)
-    if op == 4:
-        m.pop(key, None)
-        return f"manifest-missing:{key}", cbor2.dumps(m)
-    if op == 5:
-        m[rng.choice(["extra", 1, -1, 1.0, b"k"])] = 0
-        return "manifest-extra", safe_dumps(m)
-    if op == 6:
-        m[key] = random_cbor(rng)
-        return f"manifest-random:{key}", safe_dumps(m)
-    if op == 7:
-        return "manifest-deep", cbor2.dumps(m)[:-1] + nested(rng.choice([16, 200]))
-    if op == 8:
-        m["v"] = rng.choice([1.0, True, 2, 0, "1"])
-        return "manifest-version", cbor2.dumps(m)
-    return "manifest-notamap", rng.choice([cbor2.dumps(list(m.values())), b"\x00", b"", nested(30)])
-
-
-def cose_variants(rng: random.Random, data: bytes, kids: list[bytes], bodies: list[bytes]) -> tuple[str, bytes]:
-    parts = split_cose(data)
-    if parts is None:
-        return mutate_bytes(rng, data, bodies)
-    prot, unprot, payload, sig = parts
-    op = rng.randrange(14)
-    if op == 0:  # header games in the protected header
-        alg = rng.choice([-8.0, -7, "EdDSA", None, 2**64 - 1, CBORTag(2, b"\x01"), True])
-        return f"alg:{alg!r}"[:40], cose(safe_dumps({HDR_ALG: alg, HDR_KID: rng.choice(kids)}), unprot, payload, sig)
-    if op == 1:  # kid of another key, valid otherwise
-        return "kid-other", cose(protected_header(rng.choice(kids)), unprot, payload, sig)
-    if op == 2:
-        kid = rng.choice([b"", b"\x00" * 15, b"\x00" * 17, "kid", 7, None])
-        return "kid-shape", cose(safe_dumps({HDR_ALG: ALG_EDDSA, HDR_KID: kid}), unprot, payload, sig)
-    if op == 3:
-        return "protected-dupkey", cose(raw_map([(HDR_ALG, ALG_EDDSA), (HDR_KID, rng.choice(kids)), (HDR_ALG, -7)]),
-                                        unprot, payload, sig)
-    if op == 4:  # the unprotected header is not signed: these pass the signature check
-        index, count = rng.choice([(0, 1), (1, 1), (5, 3), (-1, 2), (0, 2**64 - 1), (2**40, 2**41), (0, 2), (1, 2),
-                                   (0.0, 2), (True, 2), (0, 16385)])
-        u = dict(unprot)
-        u[HDR_CHUNK] = [index, count]
-        return f"chunk-header:{index}/{count}"[:40], cose(prot, u, payload, sig)
-    if op == 5:
-        u = dict(unprot)
-        u[HDR_CHUNK] = rng.choice([[0], [0, 2, 3], "0/2", {0: 2}, None, [None, None], [-0.0, 1.5]])
-        return "chunk-header-shape", cose(prot, u, payload, sig)
-    if op == 6:
-        u = dict(unprot)
-        u[HDR_BODY] = rng.choice(bodies) if bodies and rng.random() < 0.5 else rng.choice(
-            [b"", b"\xa0", rng.randbytes(64), "text", 0, None, [b"a"]])
-        return "body-swap", cose(prot, u, payload, sig)
-    if op == 7:
-        u = {float(HDR_BODY): unprot.get(HDR_BODY, b"")} if rng.random() < 0.5 else {}
-        return "body-label", cose(prot, u, payload, sig)
-    if op == 8:
-        m = _loads_or_none(payload)
-        if isinstance(m, dict):
-            game, new = manifest_variants(rng, m, kids)
-            return game, cose(prot, unprot, new, sig)
-        return "manifest-bytes", cose(prot, unprot, rng.randbytes(40), sig)
-    if op == 9:
-        s = bytearray(sig)
-        s[rng.randrange(len(s))] ^= 1 << rng.randrange(8)
-        return "signature-flip", cose(prot, unprot, payload, rng.choice([bytes(s), b"\x00" * 64, sig[:63], sig + b"\x00"]))
-    if op == 10:
-        tag = rng.choice([98, 17, 19, 0, 40, 55799])
-        return f"cose-tag:{tag}", cose(prot, unprot, payload, sig, tag=tag)
-    if op == 11:
-        items = rng.choice([[prot, unprot, payload], [prot, unprot, payload, sig, b""], [unprot, prot, payload, sig],
-                            [prot, list(unprot.items()), payload, sig]])
-        return "cose-array", safe_dumps(CBORTag(COSE_SIGN1_TAG, items))
-    if op == 12:
-        return "cose-untagged", cbor2.dumps([prot, unprot, payload, sig])
-    u = dict(unprot)  # unprotected header full of junk, body kept
-    for _ in range(rng.randint(1, 20)):
-        u[rng.choice([1, 4, 33, -65539, "x", 2**63])] = random_cbor(rng)
-    return "unprotected-junk", safe_dumps(CBORTag(COSE_SIGN1_TAG, [prot, u, payload, sig]))
-
-
-def _loads_or_none(data: bytes) -> Any:
-    try:
-        return cbor2.loads(data)
-    except Exception:  # noqa: BLE001
-        return None
 
 
 # ---------------------------------------------------------------- signing hostile messages
@@ -396,134 +142,6 @@ class Signer:
 
 def new_signer(identity: Identity, job: str, now: float) -> Signer:
     return Signer(identity, job, int(now * 1_000_000))
-
-
-# ---------------------------------------------------------------- hostile tensors
-
-
-def dense_with(shape: tuple[int, ...], fill: float | None, rng: random.Random, scale: float = 0.01) -> torch.Tensor:
-    g = torch.Generator().manual_seed(rng.randrange(2**31))
-    t = torch.randn(shape, generator=g) * scale
-    if fill is not None and t.numel():
-        t.view(-1)[rng.randrange(t.numel())] = fill
-    return t
-
-
-def hostile_tensors(rng: random.Random, spec: dict[str, tuple[int, ...]]) -> tuple[str, dict[str, Any]]:
-    """A `tensors` map that must be refused (each game breaks one rule of section 8)."""
-    names = list(spec)
-    good = {n: encode_tensor(dense_with(s, None, rng)) for n, s in spec.items()}
-    victim = rng.choice(names)
-    shape = spec[victim]
-    n = math.prod(shape)
-    op = rng.randrange(24)
-    t = dict(good)
-    if op == 0:
-        t[victim] = encode_tensor(dense_with(shape, rng.choice([math.nan, math.inf, -math.inf]), rng))
-        return "tensor-nonfinite", t
-    if op == 1:
-        t[victim] = encode_tensor(dense_with(shape, rng.choice([1e38, -3.4e38, 3.4028234e38]), rng))
-        return "tensor-1e38", t
-    if op == 2:
-        t = {k: encode_tensor(torch.full(s, 3.0e38)) for k, s in spec.items()}
-        return "tensor-all-3e38", t
-    if op == 3:
-        t[victim] = encode_tensor(dense_with(shape, math.inf, rng).to(torch.float16))
-        return "tensor-f16-inf", t
-    if op == 4:
-        t[victim] = encode_tensor(dense_with(shape, math.nan, rng).to(torch.bfloat16))
-        return "tensor-bf16-nan", t
-    if op == 5:
-        q = torch.randint(-128, 128, shape, dtype=torch.int8)
-        t[victim] = encode_quantized(q, rng.choice([1e38, 3.4e38]), 0)
-        return "q8-overflow", t
-    if op == 6:
-        q = torch.randint(-128, 128, shape, dtype=torch.int8)
-        item = encode_quantized(q, 0.01, 0)
-        item["q8"]["scale"] = rng.choice([math.nan, math.inf, 1, "0.1", None])
-        t[victim] = item
-        return "q8-scale", t
-    if op == 7:
-        q = torch.zeros(shape, dtype=torch.int8)
-        item = encode_quantized(q, 0.01, 0)
-        item["q8"]["zero"] = rng.choice([128, -129, 2**63, 0.5, True])
-        t[victim] = item
-        return "q8-zero", t
-    if op == 8:
-        q = torch.zeros(shape, dtype=torch.int8)
-        blocks = rng.choice([1, 2])
-        block = rng.choice([0, -1, 1.5, "2", None]) if blocks == 1 else rng.choice([n, n * 10, 2**62])
-        item = {"q8": {"scale": encode_tensor(torch.ones(blocks)), "zero": 0, "codes": encode_tensor(q),
-                       "block": block}}  # no block, or two scales where one block covers the tensor
-        t[victim] = item
-        return "q8-block", t
-    if op == 9:  # coo bomb: a huge dense shape with one entry
-        dims = rng.choice([[8192, 8192], [64 * 1024 * 1024], [4096, 4096, 4], [2**31, 2**31], [0, 10**30], [2**63]])
-        t[victim] = encode_sparse(tuple(dims), torch.tensor([0], dtype=torch.int64), torch.tensor([1.0]))
-        return f"coo-bomb:{'x'.join(map(str, dims))}"[:40], t
-    if op == 10:  # several bombs, each under the per-tensor limit, together over the model
-        for k in names:
-            t[k] = encode_sparse((8192, 8192), torch.tensor([1], dtype=torch.int64), torch.tensor([0.5]))
-        return "coo-bomb-all", t
-    if op == 11:
-        idx = rng.choice([[n], [-1], [2**62], list(range(n + 1))])  # (duplicates are tolerated: PROTOCOL 8)
-        vals = torch.ones(len(idx))
-        t[victim] = encode_sparse(shape, torch.tensor(idx, dtype=torch.int64), vals)
-        return "coo-index", t
-    if op == 12:
-        t[victim] = {"coo": {"shape": list(shape), "indices": encode_tensor(torch.tensor([0, 1], dtype=torch.int32)),
-                             "values": rng.choice([encode_tensor(torch.ones(3)), encode_tensor(torch.ones(2, 1)),
-                                                   encode_tensor(torch.tensor([math.nan, 0.0])), 1.0])}}
-        return "coo-values", t
-    if op == 13:
-        new = list(shape)[::-1] if len(shape) > 1 else [shape[0] + 1]
-        t[victim] = encode_tensor(dense_with(tuple(new), None, rng))
-        return "shape-mismatch", t
-    if op == 14:
-        t[victim] = encode_tensor(dense_with(tuple(shape) + (1,), None, rng))
-        return "shape-extra-dim", t
-    if op == 15:
-        del t[victim]
-        return "tensor-missing", t
-    if op == 16:
-        t[victim + rng.choice(["x", ".extra", ""]) or "x"] = encode_tensor(torch.zeros(3))
-        t["extra"] = encode_tensor(torch.zeros(3))
-        return "tensor-extra", t
-    if op == 17:
-        t[victim] = encode_tensor(dense_with(shape, None, rng).to(rng.choice([torch.float64, torch.int32, torch.uint8,
-                                                                             torch.int8, torch.bool])))
-        return "tensor-dtype", t
-    if op == 18:  # typed array that disagrees with its shape, or an unknown typed-array tag
-        data = dense_with(shape, None, rng).numpy().tobytes()
-        t[victim] = rng.choice([CBORTag(40, [list(shape), CBORTag(85, data[:-4])]),
-                                CBORTag(40, [list(shape), CBORTag(rng.choice([68, 76, 83, 87, 88]), data)]),
-                                CBORTag(40, [list(shape), CBORTag(85, data), 1]),
-                                CBORTag(40, [[float(d) for d in shape], CBORTag(85, data)]),
-                                CBORTag(40, [list(shape), data]),
-                                CBORTag(41, [list(shape), CBORTag(85, data)])])
-        return "tensor-tag", t
-    if op == 19:
-        t[victim] = ["bfloat16", rng.choice([CBORTag(40, [list(shape), CBORTag(85, b"\x00" * 4 * n)]),
-                                             CBORTag(40, [list(shape), CBORTag(69, b"\x00" * (2 * n - 2))]), "x"])]
-        return "bf16-form", t
-    if op == 20:
-        t = {k: random_cbor(rng) for k in names} if rng.random() < 0.5 else random_cbor(rng)
-        return "tensors-random", t if isinstance(t, dict) else {"x": t}
-    if op == 21:
-        t = {**good, **{f"t{i}": encode_tensor(torch.zeros(1)) for i in range(rng.choice([100, 5000]))}}
-        return "tensors-many", t
-    if op == 22:
-        t[victim] = nested_tensor_item(rng.choice([10, 200]))
-        return "tensor-deep", t
-    t = {k: encode_tensor(torch.zeros(())) for k in names}
-    return "tensor-scalar", t
-
-
-def nested_tensor_item(depth: int) -> Any:
-    item: Any = {"q8": {"scale": 1.0, "zero": 0, "codes": CBORTag(40, [[1], CBORTag(72, b"\x00")])}}
-    for _ in range(depth):
-        item = {"coo": {"shape": [1], "indices": CBORTag(40, [[1], CBORTag(79, b"\x00" * 8)]), "values": item}}
-    return item
 
 
 # ---------------------------------------------------------------- the case factory
