@@ -443,7 +443,7 @@ RATIO_KEYS = ["seconds_per_round", "seconds_to_090", "wall_to_090", "bytes_up", 
               "bytes_down_to_090", "bytes_up_per_round_steady", "bytes_down_per_round_steady",
               "server_peak_rss_mb", "client_peak_rss_mb", "cpu_seconds"]
 FEDMQ_KEYS = ["master_bytes_up", "master_bytes_down", "master_bytes_up_per_round_steady",
-              "master_bytes_down_per_round_steady", "broker_peak_rss_mb", "same_split", "compression",
+              "master_bytes_down_per_round_steady", "broker_peak_rss_mb", "same_split", "compression", "server_lr",
               "master_traffic", "downlink"]
 DEFAULT_COMPRESSION = "lean"
 
