@@ -57,7 +57,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -72,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cbor2  # noqa: E402
 import psutil  # noqa: E402
 
+from _procs import stop_children_on_exit  # noqa: E402
 from _ingest_common import JOB, MODES, SIZES, encoded_update, model_spec, param_count, seal_update  # noqa: E402
 
 from fedmq.broker import start_broker  # noqa: E402
@@ -576,10 +576,7 @@ def main() -> None:
     if args.workers:  # what a sharded run measures: the broker run only (see the module docstring)
         args.no_in_process = args.no_floor = args.no_extra = True
 
-    def terminate(*_a: Any) -> None:  # run the cleanup below (brokers, processes) on SIGTERM too
-        raise SystemExit(143)
-
-    signal.signal(signal.SIGTERM, terminate)
+    stop_children_on_exit()  # the cleanup below (brokers, processes) runs on SIGTERM and SIGINT too
     plan = SMOKE_PLAN if args.smoke else PLAN
     configs = [(s, m) for s in plan for m in (("dense",) if args.smoke else MODES)]
     if args.only:

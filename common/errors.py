@@ -56,3 +56,11 @@ class Reason:
     FOREIGN_UPDATE = "foreign_update"      # update_id not SENDER/ROUND/VERSION of its signed sender, round, version
     STALE = "stale"                        # an update for a round or version that can no longer count
     NON_FINITE_AGGREGATE = "non_finite_aggregate"  # finite updates whose aggregate was not (the version is discarded)
+
+
+MAX_DETAIL = 300  # characters of any text from a remote party that goes into a log line
+
+
+def clip(text: str, limit: int = MAX_DETAIL) -> str:
+    """`text` cut to `limit` characters: a log line must not grow with what a remote party sends."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"

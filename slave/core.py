@@ -115,7 +115,7 @@ class SlaveCore:
             # may have changed meanwhile: decide again.
             fx += self._answer(now)
         if self.enrolled:
-            fx += self._follow()
+            fx += self._follow(fetch_model=True)
         if self.pending is not None:
             p = self.pending
             fx.append(Log("info", f"re-sending update {p['body']['update_id']} after restart"))
@@ -303,7 +303,7 @@ class SlaveCore:
         fx: list[Effect] = []
         if first:
             self.enrolled, self._confirmed_at, self._retry = True, None, CONFIRM_RETRY[0]
-            fx += self._follow()
+            fx += self._follow(fetch_model=False)  # it came with this message: not the retained copy too
         fx += [SaveState(self.state()), Log("info", f"model version {version}")]
         return fx + self._maybe_train(now)
 
@@ -344,8 +344,10 @@ class SlaveCore:
         return Publish(self.topics.slave("update", self.cfg.slave_id), M.UPDATE, body, version=version, round=rnd,
                        whole=whole)
 
-    def _follow(self) -> list[Effect]:
-        return [Subscribe(self.topics.master("model")), Subscribe(self.topics.master("round")),
+    def _follow(self, *, fetch_model: bool) -> list[Effect]:
+        """Follow the job once enrolled: models, rounds, deltas. A slave that was just sent
+        its model does not fetch the retained one too (the same bytes again)."""
+        return [Subscribe(self.topics.master("model"), retained=fetch_model), Subscribe(self.topics.master("round")),
                 Subscribe(self.topics.master("delta"))]
 
     def _maybe_train(self, now: float) -> list[Effect]:

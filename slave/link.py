@@ -85,11 +85,11 @@ class SlaveLink:
         # Retained, possibly chunked. `bootstrap`: a restarted slave resumes its session,
         # which already has these subscriptions, so the broker would not resend the
         # retained instruction, model and round -- which this process, unlike the
-        # session, has never seen.
-        retained = fx.topic.endswith(("/model", "/instruction", "/round"))
-        self.shell.transport.subscribe(fx.topic, fx.qos, bootstrap=retained)
-        if retained:
-            self.shell.transport.subscribe(fx.topic + "/chunk/+", fx.qos, bootstrap=True)
+        # session, has never seen (PROTOCOL.md section 2: Retain Handling 0).
+        chunked = fx.topic.endswith(("/model", "/instruction", "/round"))
+        for topic in (fx.topic, fx.topic + "/chunk/+") if chunked else (fx.topic,):
+            self.shell.transport.subscribe(topic, fx.qos, bootstrap=chunked and fx.retained,
+                                           skip_retained=not fx.retained)
 
     def save(self, state: dict[str, Any]) -> None:
         """Replace the state file (atomically), with the next sequence number beside the core's state."""
