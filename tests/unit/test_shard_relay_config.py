@@ -103,3 +103,30 @@ def test_relay_file(tmp_path):
             parse_relay({**RELAY, **bad}, tmp_path)
     with pytest.raises(ConfigError, match="relay: required"):
         parse_relay(JOB, tmp_path)
+
+
+def _job_file(tmp_path, **tables) -> str:
+    from fedmq.demo import to_toml
+
+    path = tmp_path / "job.toml"
+    path.write_text(to_toml({**JOB, "enrollment": {"keys": str(tmp_path)}, **tables}))
+    return str(path)
+
+
+def test_worker_and_root_refuse_what_cannot_be_sharded_with_one_line(tmp_path):
+    from fedmq.common.keys import Identity, write_identity
+
+    write_identity(Identity.generate("master"), tmp_path / "keys")
+    runner = CliRunner()
+    plain = runner.invoke(main, ["worker", "-c", _job_file(tmp_path), "--id", "w1"])
+    assert plain.exit_code == 2 and "no [shard] table" in plain.output
+    shard = {"shard": {"workers": ["w1"], "keys": "keys"}}
+    stranger = runner.invoke(main, ["worker", "-c", _job_file(tmp_path, **shard), "--id", "w9"])
+    assert stranger.exit_code == 2 and "not one of [shard] workers" in stranger.output
+    median = _job_file(tmp_path, **shard, strategy={"name": "fedavg", "rule": "median"})
+    for argv in (["worker", "-c", median, "--id", "w1"], ["master", "run", "-c", median]):
+        result = runner.invoke(main, argv)
+        assert result.exit_code == 2 and "not a sum" in result.output and "Traceback" not in result.output, argv
+    fedbuff = runner.invoke(main, ["worker", "-c", _job_file(tmp_path, **shard, strategy={"name": "fedbuff"}),
+                                   "--id", "w1"])
+    assert fedbuff.exit_code == 2 and "asynchronous" in fedbuff.output
