@@ -375,6 +375,10 @@ def start_workers(n: int, job: Path, work: Path, env: dict[str, str], timeout: f
     for i, p in enumerate(procs):
         while "connected to broker" not in (work / f"worker-{i}.log").read_text(errors="replace"):
             if p.poll() is not None or time.monotonic() > deadline:
+                for q in procs:  # by PID, only our own
+                    if q.poll() is None:
+                        q.kill()
+                        q.wait(timeout=10)
                 raise RuntimeError(f"worker w{i} did not connect:\n" + (work / f"worker-{i}.log").read_text()[-2000:])
             time.sleep(0.1)
     return procs
