@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 from .messages import UPDATE_KINDS
+from .partsconfig import DistillConfig, MultitaskConfig, check_name, parse_distill, parse_multitask
 from .topics import DEFAULT_PREFIX, Topics, check_id
 from .brokerconfig import BrokerConfig
 
@@ -73,6 +74,9 @@ class JobConfig:
     eval_data: str | None = None
     target_accuracy: float | None = None  # stop early once reached (None: run all rounds)
     master_name: str = "master"  # the sender name the master signs as; never the key file's name
+    # Model parts (common/partsconfig.py): students of a fixed teacher, or task heads on a shared encoder
+    distill: DistillConfig | None = None
+    multitask: MultitaskConfig | None = None
 
     @property
     def topics(self) -> Topics:
@@ -97,6 +101,7 @@ class SlaveConfig:
     disconnect_rate: float = 0.0
     seed: int = 0
     master_name: str = "master"  # the name the pinned master key signs as
+    student: str = ""  # distillation jobs: the student this device trains ("": the job's first)
 
     @property
     def topics(self) -> Topics:
@@ -284,6 +289,10 @@ def parse_job(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] | 
         raise ConfigError("model: required (e.g. arch = \"mlp\", sizes = [64, 128, 10])")
     train = _dataclass_from(TrainSettings, root.sub("train"))
     strategy = root.raw("strategy") or {"name": "fedavg"}
+    distill = parse_distill(root.sub("distill"), base, update)
+    multitask = parse_multitask(root.sub("multitask"), update)
+    if distill is not None and multitask is not None:
+        raise ConfigError("multitask: a job has either [distill] students or [multitask] heads, not both")
     policy = _dataclass_from(RoundPolicy, root.sub("rounds"))
     enroll = root.sub("enrollment")
     mode = enroll.get("mode", str, "allowlist", check=lambda v: v in ("allowlist", "open"))
@@ -304,7 +313,7 @@ def parse_job(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] | 
         job=job_id, rounds=rounds, task=task, update=update, model=model, train=train, strategy=strategy,
         policy=policy, enrollment=mode, slave_keys=_path(base, keys), master_key=_path(base, master_key),
         state_dir=_path(base, state_dir), broker=broker, prefix=prefix, chunk_size=chunk_size,
-        min_samples=min_samples, target_accuracy=target, master_name=master_name,
+        min_samples=min_samples, target_accuracy=target, master_name=master_name, distill=distill, multitask=multitask,
         # like a slave's data: a file is relative to the job file, not to the working directory
         eval_data=eval_data if eval_data is None or ":" in eval_data else str(_path(base, eval_data)),
     )
@@ -334,7 +343,10 @@ def parse_slave(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] 
     slowdown = s.get("slowdown", float, 1.0, check=lambda v: v >= 1.0)
     disconnect_rate = s.get("disconnect_rate", float, 0.0, check=lambda v: 0.0 <= v <= 1.0)
     seed = s.get("seed", int, 0)
+    student = s.get("student", str, "")
     s.done()
+    if student:
+        check_name(student, "slave.student")
     if not all(k in UPDATE_KINDS for k in kinds):
         raise ConfigError(f"slave.update_kinds: {list(kinds)} (allowed: {', '.join(UPDATE_KINDS)})")
     broker = broker_settings(root.sub("broker"), base)
@@ -343,7 +355,7 @@ def parse_slave(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] 
     cfg = SlaveConfig(
         slave_id=slave_id, job=job, key=_path(base, key), master_key=_path(base, master_key), data=data_path,
         state_dir=_path(base, state_dir), broker=broker, tasks=tasks, prefix=prefix, update_kinds=kinds,
-        slowdown=slowdown, disconnect_rate=disconnect_rate, seed=seed, master_name=master_name,
+        slowdown=slowdown, disconnect_rate=disconnect_rate, seed=seed, master_name=master_name, student=student,
     )
     cfg.topics
     return cfg

@@ -38,6 +38,7 @@ from fedmq.common.channel import Received
 from fedmq.common.effects import Ack, Checkpoint, Effect, Finish, Journal, Log, Publish, PublishJson
 from fedmq.common.errors import ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
+from fedmq.common.layout import Layout
 from fedmq.common.strategies import ClientUpdate, Strategy
 from fedmq.common.update_safety import all_finite_params
 
@@ -74,10 +75,11 @@ class MasterCore:
         self.evaluate = evaluate
         self.schedule = make_schedule(strategy, cfg.policy)
         self.rounds = Rounds(cfg.policy, self.schedule, self.topics, cfg.update, coalesce=COALESCE_SECONDS)
-        self.store = ModelStore(model, keep_bases=keep_bases_for(strategy))
+        self.layout = Layout.of_job(cfg)  # its parts: the whole model, teacher and students, encoder and heads
+        self.store = ModelStore(model, keep_bases=keep_bases_for(strategy), layout=self.layout)
         self.rejections = Rejections()
         self.registry = SlaveRegistry(open_enrollment=cfg.enrollment == "open", min_samples=cfg.min_samples,
-                                      rejections=self.rejections)
+                                      rejections=self.rejections, layout=self.layout)
         self.ledger = UpdateLedger()
         self.intake = UpdateIntake(self.store, self.ledger, self.schedule,
                                    max_update_norm=getattr(strategy, "max_update_norm", None),
@@ -110,7 +112,7 @@ class MasterCore:
             self._fresh = False
             fx.append(Checkpoint(self.checkpoint_state()))
         # The model goes out at version 0 too: a slave restarted before version 1 finds it retained.
-        fx += [self._instruction(), self._model_effect()]
+        fx += [self._instruction(), *self._model_effects()]
         if self.phase.finished:
             return fx + [*self._status(now, force=True), Finish("already finished")]
         resumed = self.version > 0 or self.phase.state == "training"
@@ -203,7 +205,8 @@ class MasterCore:
             return fx + self._status(now) + self._availability(msg.sender, False, now)
         # Durable before acted on: the daemon syncs the journal before the model goes out.
         fx.append(Journal(self.registry.enrollment_record(msg.sender), NO_BODY))
-        fx.append(Publish(self.topics.direct(msg.sender), M.MODEL, self._model_body(), version=self.version))
+        fx.append(Publish(self.topics.direct(msg.sender), M.MODEL, self._model_body(self._holds(msg.sender)),
+                          version=self.version))
         return fx + self._join_or_start(msg.sender, now) + self._status(now)
 
     def _ask_to_confirm(self, name: str, now: float, *, force: bool = False) -> list[Effect]:
@@ -315,7 +318,9 @@ class MasterCore:
             self.registry.slaves[name].online = True
             fx = self._maybe_start_round(now, force=True)
         rnd = self.round
-        verdict = self.intake.screen(msg, rnd, self.round_number, declared_samples=self.registry.slaves[name].samples)
+        rec = self.registry.slaves[name]
+        verdict = self.intake.screen(msg, rnd, self.round_number, declared_samples=rec.samples,
+                                     declared_parts=rec.parts)
         if not (isinstance(verdict, Refusal) and verdict.duplicate):
             self.registry.slaves[name].online = True  # it is evidently there, whatever presence said last
         if isinstance(verdict, Refusal):
@@ -344,7 +349,8 @@ class MasterCore:
         """Re-admit a journaled update after a restart (it was acked before)."""
         rec = self.registry.get(record["sender"])
         try:
-            update = self.intake.to_update(record["sender"], record["body"], rec.samples if rec else None)
+            update = self.intake.to_update(record["sender"], record["body"], rec.samples if rec else None,
+                                           rec.parts if rec else None)
         except ProtocolError as exc:  # e.g. a job file whose max_update_norm was lowered since
             return [Log("warning", f"journaled update {record['update_id']} not re-admitted: {exc}")]
         if self.schedule.admissible(update, self.version):
@@ -380,6 +386,8 @@ class MasterCore:
         if self.evaluate is not None:
             scores = self.evaluate(self.store.params)
             row.update({k: float(scores[k]) for k in ("accuracy", "loss") if k in scores})
+            if "part_accuracy" in scores:  # a model with parts: each scored part
+                row["part_accuracy"] = dict(scores["part_accuracy"])
         self.history.append(row)
         self.rounds.close()
         target = self.cfg.target_accuracy
@@ -388,7 +396,7 @@ class MasterCore:
             self.phase.go("finished")
         fx: list[Effect] = [
             Checkpoint(self.checkpoint_state()),
-            self._model_effect(),
+            *self._model_effects(),
             PublishJson(self.topics.master("metrics"), {"job": self.cfg.job, **row}, retain=True),
             Log("info", "round {round}: version {version}, {updates} update(s){acc}".format(
                 acc=f", accuracy {row['accuracy']:.4f}" if "accuracy" in row else "", **row)),
@@ -422,12 +430,19 @@ class MasterCore:
         return Publish(self.topics.master("instruction"), M.INSTRUCTION, instruction_body(self.cfg, self.run),
                        retain=True)
 
-    def _model_body(self) -> dict[str, Any]:
-        return {"run": self.run, **self.store.body()}
+    def _model_body(self, parts: list[str] | None = None) -> dict[str, Any]:
+        return {"run": self.run, **self.store.body(parts)}
 
-    def _model_effect(self) -> Publish:
-        return Publish(self.topics.master("model"), M.MODEL, self._model_body(), version=self.version,
-                       round=self.round_number, retain=True)
+    def _holds(self, name: str) -> list[str] | None:
+        """The parts a slave is sent (those it trains and those they need); None: the whole model."""
+        trains = self.registry.slaves[name].parts
+        return None if trains is None else self.layout.holds(trains)
+
+    def _model_effects(self) -> list[Publish]:
+        """The retained model: on `model`, or each part of a model with parts on `model/PART`."""
+        return [Publish(self.topics.model_part(part) if part else self.topics.master("model"), M.MODEL,
+                        {"run": self.run, **body}, version=self.version, round=self.round_number, retain=True)
+                for part, body in self.store.publications()]
 
     def _announce(self, now: float) -> Publish:
         return self.rounds.announce(now, self.version, self.run)

@@ -30,13 +30,14 @@ from fedmq.common.effects import (MASTER_EFFECTS, Ack, Checkpoint, Effect, Finis
 from fedmq.common.errors import ConfigError, ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.keys import KeyRing, load_identity, public_key_from_raw
-from fedmq.common.modelspec import build_model
+from fedmq.common.layout import Layout
 from fedmq.common.shell import HEARTBEAT_FILE, GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
 from fedmq.common.topics import master_client_id, split_chunk_topic
-from fedmq.common.workload import data_misfit, evaluate, load_local_data
+from fedmq.common.workload import load_local_data
 
 from .core import MasterCore
 from .job import make_job_strategy
+from .jobmodel import job_model
 from .prometheus import PrometheusExporter
 
 CHECKPOINT = "checkpoint.cbor"
@@ -52,13 +53,14 @@ def _evaluator(cfg: JobConfig):
     if not cfg.eval_data:
         return None
     dataset = load_local_data(cfg.eval_data)
-    model = build_model(cfg.model)
+    layout = Layout.of_job(cfg)  # a model with parts: each student, or each head on its task's rows
+    model = layout.build()
 
-    def run(params: dict[str, torch.Tensor]) -> dict[str, float]:
+    def run(params: dict[str, torch.Tensor]) -> dict[str, Any]:
         model.load_state_dict(params, strict=False)
-        return evaluate(model, dataset)
+        return layout.evaluate(model, dataset)
 
-    if why := data_misfit(model, dataset):
+    if why := layout.data_misfit(model, dataset):
         raise ConfigError(f"master.eval {cfg.eval_data}: {why}")
     return run
 
@@ -75,7 +77,7 @@ class MasterDaemon:
         ring = KeyRing.from_dir(cfg.slave_keys) if cfg.enrollment == "allowlist" else KeyRing()
         if cfg.enrollment == "open":
             self.log.warning("enrollment mode 'open': any key that confirms is trusted (demos only)")
-        model = build_model(cfg.model)
+        model = job_model(cfg)  # the whole model, or its parts (a fixed teacher's weights read from its file)
         self.core = MasterCore(cfg, model, make_job_strategy(cfg), evaluate=_evaluator(cfg), timer=time.perf_counter,
                                run=uuid.uuid4().hex[:12])
         inbox = Inbox(ring, cfg.job, self_signed=M.SELF_SIGNED_KINDS)

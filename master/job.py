@@ -12,8 +12,10 @@ from typing import Any, Mapping
 import torch
 
 from fedmq.common.async_strategies import ASYNC_OPTIONS, make_async_strategy
+from fedmq.common.errors import ConfigError
 from fedmq.common.jobconfig import JobConfig
-from fedmq.common.strategies import Strategy, make_strategy
+from fedmq.common.layout import Layout
+from fedmq.common.strategies import PartStrategies, Strategy, make_strategy
 from fedmq.common.tensors import decode_state_dict, encode_state_dict
 
 
@@ -28,6 +30,7 @@ def instruction_body(cfg: JobConfig, run: str) -> dict[str, Any]:
         "requirements": {"min_samples": cfg.min_samples},
         "round_policy": {"deadline": cfg.policy.deadline, "participants": cfg.policy.participants,
                          "asynchronous": is_asynchronous(cfg.strategy)},
+        **Layout.of_job(cfg).instruction_fields(),  # students ("distill") or task heads ("multitask")
     }
 
 
@@ -36,9 +39,17 @@ def is_asynchronous(strategy_cfg: Mapping[str, Any]) -> bool:
 
 
 def make_job_strategy(cfg: JobConfig) -> Strategy:
-    """The job's aggregation rule: synchronous (FedOpt family) or asynchronous."""
+    """The job's aggregation rule: synchronous (FedOpt family) or asynchronous; for a model
+    with parts, one synchronous strategy per trainable part."""
+    layout = Layout.of_job(cfg)
     if is_asynchronous(cfg.strategy):
+        if layout.grouped:
+            raise ConfigError(f"strategy.name: {cfg.strategy.get('name')!r} is asynchronous; a job with "
+                              f"[distill] students or [multitask] heads needs a synchronous strategy")
         return make_async_strategy(cfg.strategy, gradient_lr=cfg.train.lr)
+    if layout.grouped:
+        return PartStrategies(layout.trainable, layout.part_of,
+                              lambda: make_strategy(cfg.strategy, gradient_lr=cfg.train.lr))
     return make_strategy(cfg.strategy, gradient_lr=cfg.train.lr)
 
 

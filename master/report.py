@@ -38,7 +38,8 @@ def status_document(core: MasterCore, now: float) -> dict[str, Any]:
         "deadline": rnd.deadline if rnd else None,
         "last_accuracy": core.history[-1].get("accuracy") if core.history else None,
         "slaves": {n: {"enrolled": s.enrolled, "online": s.online, "samples": s.samples,
-                       **({"declined": _text(s.declined)} if s.declined else {})}
+                       **({"declined": _text(s.declined)} if s.declined else {}),
+                       **({"parts": s.parts} if s.parts else {})}
                    for n, s in sorted(core.slaves.items()) if s.enrolled or s.declined or s.online},
         "not_enrolled": {n: _text(why) for n, why in ignored[:MAX_LISTED]},
         "not_enrolled_more": max(0, len(ignored) - MAX_LISTED),

@@ -28,12 +28,15 @@ from torch.utils.data import Dataset
 from fedmq.common import messages as M
 from fedmq.common.channel import Received
 from fedmq.common.effects import Effect, Log, Publish, SaveState, Subscribe, Train
-from fedmq.common.errors import ConfigError, ProtocolError
+from fedmq.common.errors import ProtocolError
 from fedmq.common.jobconfig import SlaveConfig
+from fedmq.common.layout import Layout
 from fedmq.common.modelspec import build_model, float_state, load_float_state
 from fedmq.common.tensors import encode_state_dict
 
-from .trainer import LocalResult, distill_local, train_local
+from .assembly import ModelAssembly
+from .plan import SlavePlan, plan_for, train_parts
+from .trainer import LocalResult, train_local
 
 Params = dict[str, torch.Tensor]
 KEEP_DONE_ROUNDS = 64
@@ -56,7 +59,8 @@ class SlaveCore:
     samples: int
     capabilities: dict[str, Any] = field(default_factory=dict)
     # Why the local data cannot train a model built from the instruction (None: it can).
-    data_misfit: Callable[[nn.Module], str | None] | None = None
+    data_misfit: Callable[..., str | None] | None = None  # (model[, task=T]): task for multi-task jobs
+    task_samples: Mapping[str, int] = field(default_factory=dict)  # local samples per task (the data's task column)
     instruction: dict[str, Any] | None = None
     instruction_digest: bytes = b""
     enrolled: bool = False
@@ -70,6 +74,8 @@ class SlaveCore:
     pending: dict[str, Any] | None = None  # last update body, kept until a newer version arrives
     _confirmed_at: float | None = None  # an unanswered confirm went out then
     _retry: float = CONFIRM_RETRY[0]
+    _plan: SlavePlan | None = None  # what it trains in the instruction's job (slave/plan.py)
+    _assembly: ModelAssembly | None = None  # collects the parts of a model version
 
     def __post_init__(self) -> None:
         self.topics = self.cfg.topics
@@ -77,6 +83,25 @@ class SlaveCore:
     @property
     def run(self) -> str | None:
         return self.instruction.get("run") if self.instruction else None
+
+    @property
+    def plan(self) -> SlavePlan:
+        """Which model parts this slave trains and holds (the whole model in a plain job)."""
+        if self._plan is None:
+            assert self.instruction is not None
+            plan = self._make_plan(self.instruction)
+            self._plan = plan if isinstance(plan, SlavePlan) else SlavePlan(Layout.from_instruction(self.instruction))
+        return self._plan
+
+    @property
+    def assembly(self) -> ModelAssembly:
+        if self._assembly is None:
+            self._assembly = ModelAssembly(self.plan.layout, self.plan.holds)
+        return self._assembly
+
+    def _make_plan(self, body: Mapping[str, Any]) -> SlavePlan | str:
+        return plan_for(body, student=self.cfg.student, samples=self.samples, task_samples=self.task_samples,
+                        misfit=self.data_misfit)
 
     @property
     def asynchronous(self) -> bool:
@@ -148,6 +173,7 @@ class SlaveCore:
             "samples": result.num_samples,
             "metrics": {**{k: float(v) for k, v in result.metrics.items()}, "bytes_in": bytes_in},
             "tensors": encode_state_dict(result.tensors),
+            **({"parts": result.parts} if result.parts else {}),  # a model with parts: those it trained
         }
         self.pending = {"round": rnd, "body": body}
         self.done_rounds = (self.done_rounds + [rnd])[-KEEP_DONE_ROUNDS:]
@@ -182,6 +208,7 @@ class SlaveCore:
             self.done_rounds, self.pending = [], None
         self.instruction_digest, self.instruction = digest, dict(body)
         self.enrolled = False
+        self._plan = self._assembly = None  # the parts it trains follow from the instruction
         return self._answer(now)
 
     def _answer(self, now: float) -> list[Effect]:
@@ -202,16 +229,19 @@ class SlaveCore:
         need = body["requirements"].get("min_samples", 1)
         if self.samples < need:
             return f"{self.samples} local samples, the job needs {need}"
-        try:
-            model = build_model(body["model"])
-        except ConfigError as exc:
-            return f"cannot build model: {exc}"
-        return self.data_misfit(model) if self.data_misfit is not None else None
+        plan = self._make_plan(body)  # builds the model (or its parts) and checks the data against it
+        if isinstance(plan, str):
+            return plan
+        if self.model is not None and set(float_state(self.model)) != set(float_state(plan.build())):
+            self.model, self.version = None, -1  # the parts it holds changed: take the next model afresh
+        self._plan, self._assembly = plan, None
+        return None
 
     def _confirm(self, now: float) -> list[Effect]:
         self._confirmed_at = now
         return [Publish(self.topics.slave("confirm", self.cfg.slave_id), M.CONFIRM,
-                        {"public_key": self.public_key, "samples": self.samples, "capabilities": self.capabilities})]
+                        {"public_key": self.public_key, "samples": self.samples, "capabilities": self.capabilities,
+                         **self.plan.confirm_fields()})]  # a model with parts: the parts it trains
 
     def _decline(self, why: str) -> list[Effect]:
         self.declined, self.enrolled, self._confirmed_at = why, False, None
@@ -239,9 +269,12 @@ class SlaveCore:
         if not newer and not first:
             return []
         if newer:
-            model = self.model if self.model is not None else build_model(self.instruction["model"])
             try:
-                load_float_state(model, M.tensors_of(msg.body))
+                tensors = self.assembly.offer(version, M.tensors_of(msg.body))  # a model with parts: one part
+                if tensors is None:
+                    return []  # the other parts of this version are still to come
+                model = self.model if self.model is not None else self.plan.build()
+                load_float_state(model, tensors)
             except ProtocolError as exc:
                 return [Log("warning", f"rejected model version {version}: {exc}")]
             self.model, self.version, self.floor = model, version, max(self.floor, version)
@@ -267,7 +300,7 @@ class SlaveCore:
                         version=rnd.version, round=rnd.number)]
 
     def _follow(self) -> list[Effect]:
-        return [Subscribe(self.topics.master("model")), Subscribe(self.topics.master("round"))]
+        return [*(Subscribe(t) for t in self.plan.model_topics(self.topics)), Subscribe(self.topics.master("round"))]
 
     def _maybe_train(self, now: float) -> list[Effect]:
         """Train when the current round names us on the version we hold. A synchronous
@@ -288,15 +321,12 @@ class SlaveCore:
 
 def run_training(instruction: Mapping[str, Any], params: Params, dataset: Dataset, *, seed: int) -> LocalResult:
     """Do what a `Train` effect asks, with the instruction's settings (called by the shell's worker)."""
+    if Layout.from_instruction(instruction).grouped:  # students of a teacher, or an encoder and task heads
+        return train_parts(instruction, params, dataset, seed=seed)
     model = build_model(instruction["model"])
     load_float_state(model, params)
     t = instruction["train"]
     kind = instruction["update"]
-    if kind == "student":
-        student = build_model(instruction["model"])  # the instruction declares no other architecture yet
-        return distill_local(model, student, dataset, epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
-                             momentum=t["momentum"], weight_decay=t["weight_decay"],
-                             temperature=t["temperature"], alpha=t["alpha"], seed=seed)
     return train_local(model, dataset, kind=kind, epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
                        momentum=t["momentum"], weight_decay=t["weight_decay"], prox_mu=t["prox_mu"],
                        grad_batches=t["grad_batches"] or None, seed=seed)

@@ -34,7 +34,7 @@ from fedmq.common.jobconfig import SlaveConfig
 from fedmq.common.keys import KeyRing, load_identity, load_public_key, raw_public_bytes
 from fedmq.common.shell import HEARTBEAT_FILE, Shell, read_cbor_file, write_atomic
 from fedmq.common.topics import slave_client_id
-from fedmq.common.workload import data_misfit, load_local_data
+from fedmq.common.workload import data_misfit, load_local_data, task_counts
 
 from .core import SlaveCore, run_training
 
@@ -59,7 +59,8 @@ class SlaveDaemon:
         sealer = Sealer(identity, cfg.job, seq=initial_seq(time.time(), self.saved.get("seq", 0)))
         capabilities = {"update": list(cfg.update_kinds), "torch": torch.__version__, "machine": platform.machine()}
         self.core = SlaveCore(cfg, raw_public_bytes(identity.public_key), len(self.dataset), capabilities,
-                              data_misfit=lambda model: data_misfit(model, self.dataset))
+                              data_misfit=lambda model, task=None: data_misfit(model, self.dataset, task),
+                              task_samples=task_counts(self.dataset))
         self.shell = Shell(cfg.broker, slave_client_id(cfg.slave_id, cfg.job), sealer, Inbox(ring, cfg.job), self.log,
                            heartbeat=cfg.state_dir / HEARTBEAT_FILE)
         self.presence_topic = cfg.topics.slave("presence", cfg.slave_id)
@@ -126,7 +127,7 @@ class SlaveDaemon:
         # which already has these subscriptions, so the broker would not resend the
         # retained instruction, model and round -- which this process, unlike the
         # session, has never seen.
-        retained = fx.topic.endswith(("/model", "/instruction", "/round"))
+        retained = self.cfg.topics.retained_chunked(fx.topic)  # instruction, round, model (or model/PART)
         self.shell.transport.subscribe(fx.topic, fx.qos, bootstrap=retained)
         if retained:
             self.shell.transport.subscribe(fx.topic + "/chunk/+", fx.qos, bootstrap=True)
