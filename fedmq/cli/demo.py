@@ -21,8 +21,8 @@ from .options import HOST_PORT
               show_default=True, help="Broker to start: auto = Mosquitto if installed, else embedded (amqtt).")
 @click.option("--report", "report", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-report"),
               show_default=True, help="Directory for report.json, accuracy.png, keys, configs, logs and state.")
-@click.option("--update", type=click.Choice(["delta", "gradient"]), default="delta", show_default=True,
-              help="What slaves send back.")
+@click.option("--update", type=click.Choice(["delta", "gradient", "student"]), default="delta", show_default=True,
+              help="What slaves send back; student: distil two students (same and half width) from a fixed teacher.")
 @click.option("--strategy", type=click.Choice(["fedavg", "fedavgm", "fedadam", "fedyogi"]), default="fedavg",
               show_default=True)
 @user_errors
@@ -41,6 +41,8 @@ def demo(slaves: int, rounds: int, broker: tuple[str, int] | None, broker_kind: 
     opts = DemoOptions(slaves=slaves, rounds=rounds, report=report, broker=broker, broker_kind=broker_kind,
                        update=update, strategy=strategy)
     click.echo(f"fedmq demo: {slaves} slaves, {rounds} rounds, report in {report}/ (logs in {report}/logs/)")
+    if update == "student":
+        click.echo("training the teacher first (in-process FedAvg on the same shards, 30 rounds) ...")
 
     with contextlib.ExitStack() as stack:
         bars = []
@@ -61,6 +63,10 @@ def demo(slaves: int, rounds: int, broker: tuple[str, int] | None, broker_kind: 
     final = data["final_accuracy"]
     click.echo(f"final accuracy {final if final is None else round(final, 4)}; "
                f"seconds to 0.90: {data['seconds_to_090']}; wall time {data['wall_seconds']} s")
+    if data.get("teacher_accuracy") is not None:  # --update student: each student beside the teacher
+        parts = data["rounds"][-1].get("part_accuracy", {}) if data["rounds"] else {}
+        click.echo(f"teacher accuracy {data['teacher_accuracy']:.4f} (pretrained in-process, fixed); students: "
+                   + ", ".join(f"{p.removeprefix('students.')} {a:.4f}" for p, a in parts.items() if p != "teacher"))
     picture = draw_report(data, report / PICTURE) if data["rounds"] else None
     click.echo(f"picture: {picture}" if picture else "no picture: pip install 'fedmq[plot]' for matplotlib")
     if result.master_exit != 0 or len(data["rounds"]) < rounds:
