@@ -33,14 +33,16 @@ import cbor2
 import torch
 
 from fedmq.common.compression import (
-    CompressionSettings,
-    Constraints,
     DeviceModel,
     ErrorFeedback,
     Keyframe,
-    Uplink,
     apply_model_delta,
     encode_update,
+)
+from fedmq.common.compression_settings import (
+    CompressionSettings,
+    Constraints,
+    Uplink,
     preset,
 )
 from fedmq.common.modelspec import build_model, float_state, load_float_state

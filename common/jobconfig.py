@@ -18,9 +18,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from .compression_settings import CompressionSettings, parse_compression
 from .errors import ConfigError
 from .messages import UPDATE_KINDS
 from .partsconfig import DistillConfig, MultitaskConfig, check_name, parse_distill, parse_multitask
+from .privacy_settings import DPSettings
 from .topics import DEFAULT_PREFIX, Topics, check_id
 from .brokerconfig import BrokerConfig
 
@@ -74,6 +76,8 @@ class JobConfig:
     eval_data: str | None = None
     target_accuracy: float | None = None  # stop early once reached (None: run all rounds)
     master_name: str = "master"  # the sender name the master signs as; never the key file's name
+    compression: CompressionSettings = CompressionSettings()  # [compression]: sent in the instruction
+    privacy: DPSettings | None = None  # [privacy]: the slaves clip and noise their updates
     # Model parts (common/partsconfig.py): students of a fixed teacher, or task heads on a shared encoder
     distill: DistillConfig | None = None
     multitask: MultitaskConfig | None = None
@@ -289,10 +293,16 @@ def parse_job(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] | 
         raise ConfigError("model: required (e.g. arch = \"mlp\", sizes = [64, 128, 10])")
     train = _dataclass_from(TrainSettings, root.sub("train"))
     strategy = root.raw("strategy") or {"name": "fedavg"}
+    compression = parse_compression(root.raw("compression"))
+    privacy_table = root.raw("privacy")
+    privacy = DPSettings.from_table(privacy_table) if privacy_table else None
     distill = parse_distill(root.sub("distill"), base, update)
     multitask = parse_multitask(root.sub("multitask"), update)
     if distill is not None and multitask is not None:
         raise ConfigError("multitask: a job has either [distill] students or [multitask] heads, not both")
+    if (distill or multitask) and compression.downlink.delta:
+        raise ConfigError("compression.downlink.delta: not supported with [distill] or [multitask] "
+                          "(a model with parts is published part by part)")
     policy = _dataclass_from(RoundPolicy, root.sub("rounds"))
     enroll = root.sub("enrollment")
     mode = enroll.get("mode", str, "allowlist", check=lambda v: v in ("allowlist", "open"))
@@ -313,7 +323,8 @@ def parse_job(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] | 
         job=job_id, rounds=rounds, task=task, update=update, model=model, train=train, strategy=strategy,
         policy=policy, enrollment=mode, slave_keys=_path(base, keys), master_key=_path(base, master_key),
         state_dir=_path(base, state_dir), broker=broker, prefix=prefix, chunk_size=chunk_size,
-        min_samples=min_samples, target_accuracy=target, master_name=master_name, distill=distill, multitask=multitask,
+        min_samples=min_samples, target_accuracy=target, master_name=master_name, compression=compression,
+        privacy=privacy, distill=distill, multitask=multitask,
         # like a slave's data: a file is relative to the job file, not to the working directory
         eval_data=eval_data if eval_data is None or ":" in eval_data else str(_path(base, eval_data)),
     )

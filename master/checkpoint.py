@@ -27,6 +27,8 @@ def snapshot(core: MasterCore) -> dict[str, Any]:
         "slaves": core.registry.checkpoint(),
         "history": core.history,
         "rejected": core.rejections.by_reason,
+        "downlink": core.publisher.checkpoint(),
+        "contributions": core.contributions,
     }
 
 
@@ -40,3 +42,5 @@ def restore(core: MasterCore, state: Mapping[str, Any]) -> None:
     core.registry.restore(state["slaves"])
     core.history = list(state["history"])
     core.rejections.restore(state["rejected"])
+    core.publisher.restore(state.get("downlink"))
+    core.contributions = dict(state.get("contributions", {}))

@@ -45,19 +45,19 @@ from fedmq.common.update_safety import all_finite_params
 from . import checkpoint
 from .job import instruction_body
 from .intake import Refusal, UpdateIntake
+from .enrollment import Enrollment, Outcome
 from .ledger import UpdateLedger
 from .modelstore import ModelStore, Params
+from .partspublisher import make_publisher
 from .phase import JobPhase
 from .registry import SlaveRegistry
 from .rejections import Rejections
-from .report import StatusBoard, metrics_row
+from .report import StatusBoard, Traffic, version_row
 from .rounds import Rounds
 from .schedule import RoundState, keep_bases_for, make_schedule
 
 COALESCE_SECONDS = 1.0  # slave-driven status changes and async round re-announcements: at most one per this
 STATUS_SECONDS = 10.0  # the retained status is republished at least this often: its `updated` is the heartbeat
-RECONFIRM_SECONDS = 30.0  # a slave is asked to confirm again at most once per this
-NO_BODY = b"\xa0"  # an empty CBOR map: the journal body of a record that carries none
 Evaluator = Callable[[Params], Mapping[str, float]]
 
 
@@ -87,6 +87,10 @@ class MasterCore:
         self.discarded: list[dict[str, Any]] = []  # versions refused as non-finite (the last few)
         self.phase = JobPhase()
         self.board = StatusBoard(self.topics.master("status"), COALESCE_SECONDS)
+        self.publisher = make_publisher(cfg.compression.downlink, self.store, self.topics)  # whole, or part by part
+        self.traffic = Traffic()
+        self.enrollment = Enrollment(self.registry, self.topics, self.publisher, cfg.policy)
+        self.contributions: dict[str, int] = {}  # slave -> updates of it the strategy used (for the DP accounting)
         self.started_at: float | None = None
         self.history: list[dict[str, Any]] = []
 
@@ -130,42 +134,31 @@ class MasterCore:
             M.validate(msg.kind, parsed[0], msg.body)
         except ProtocolError as exc:
             return self.on_rejected(exc.reason, msg.sender, now, str(exc)) + _ack(token)
+        self.traffic.received(msg.kind, msg.wire_bytes)
         slave = self.registry.get(msg.sender)
         if slave is not None:
             slave.last_seen = now
             self.registry.going_offline.pop(msg.sender, None)  # heard from since its "offline"
         if msg.kind in (M.CONFIRM, M.DECLINE):
-            return self._on_confirm(msg, now) + _ack(token)
+            return self._act(self.enrollment.confirm(msg, now, self.run), now) + _ack(token)
         if msg.kind == M.PRESENCE and msg.enrolled:  # an allowed key, perhaps not confirmed yet
             self.registry.record(msg.sender, now)
             online = msg.body["state"] == "online"
-            fx = self._on_presence(msg.sender, online, now, grace=not online)
-            return fx + (self._ask_to_confirm(msg.sender, now) if online else []) + _ack(token)
+            return self._act(self.enrollment.presence(msg.sender, online, now, self.run), now) + _ack(token)
         if not self.registry.enrolled(msg.sender):
             self.registry.ignore(msg.sender, "sent an update without being enrolled" if msg.kind == M.UPDATE
                                  else "not enrolled")
             fx = self.on_rejected(Reason.NOT_ENROLLED, msg.sender, now)
-            return fx + (self._ask_to_confirm(msg.sender, now) if msg.enrolled else []) + _ack(token)
+            return fx + (self.enrollment.ask_to_confirm(msg.sender, now, self.run) if msg.enrolled else []) + _ack(token)
         return self._on_update(msg, now, token)
 
     def on_connection(self, up: bool, now: float) -> list[Effect]:
-        """The shell's own broker connection came up or went down. "offline" presences
-        still in their grace period are dropped when it goes down: a broker that stops
-        cleanly publishes every client's will first, and those say nothing about the slaves."""
-        if up or not self.registry.going_offline:
-            return []
-        dropped, self.registry.going_offline = sorted(self.registry.going_offline), {}
-        return [Log("info", f"connection to the broker lost: ignoring the offline presence of {len(dropped)} "
-                            f"slave(s) that came just before ({', '.join(dropped[:5])}{', ...' if len(dropped) > 5 else ''})")]
+        """The shell's own broker connection came up or went down (see `Enrollment.connection`)."""
+        return self.enrollment.connection(up)
 
     def on_keys_added(self, names: list[str], now: float) -> list[Effect]:
         """New keys in the allowlist: ask those slaves to confirm (they may have tried while unknown)."""
-        fx: list[Effect] = []
-        for name in names:
-            if not self.registry.enrolled(name):
-                self.registry.not_enrolled.pop(name, None)
-                fx += [Log("info", f"key of {name} added to the allowlist")] + self._ask_to_confirm(name, now, force=True)
-        return fx
+        return self.enrollment.keys_added(names, now, self.run)
 
     def on_rejected(self, reason: str, sender: str | None, now: float, detail: str = "") -> list[Effect]:
         """Count a rejected message (the shell reports those it could not verify)."""
@@ -178,7 +171,7 @@ class MasterCore:
             return []
         fx: list[Effect] = self.rounds.announce_if_due(now, self.version, self.run)
         for name in self.registry.offline_due(now, self.cfg.policy.offline_grace):
-            fx += self._on_presence(name, False, now)
+            fx += self._act(self.enrollment.presence(name, False, now, self.run, grace=False), now)
         if self.round is None:
             fx += self._maybe_start_round(now)
         else:
@@ -197,38 +190,12 @@ class MasterCore:
 
     # ------------------------------------------------------------ enrollment and presence
 
-    def _on_confirm(self, msg: Received, now: float) -> list[Effect]:
-        admission, fx = self.registry.on_confirm(msg, now)
-        if admission == "rejected":
-            return fx
-        if admission == "declined":
-            return fx + self._status(now) + self._availability(msg.sender, False, now)
-        # Durable before acted on: the daemon syncs the journal before the model goes out.
-        fx.append(Journal(self.registry.enrollment_record(msg.sender), NO_BODY))
-        fx.append(Publish(self.topics.direct(msg.sender), M.MODEL, self._model_body(self._holds(msg.sender)),
-                          version=self.version))
-        return fx + self._join_or_start(msg.sender, now) + self._status(now)
-
-    def _ask_to_confirm(self, name: str, now: float, *, force: bool = False) -> list[Effect]:
-        """A slave whose key is allowed but that is not enrolled (the master lost its
-        enrollment, or it confirmed while its key was unknown): ask it to confirm again."""
-        rec = self.registry.get(name)
-        if self.registry.enrolled(name) or (rec is not None and rec.declined):
-            return []
-        if not self.registry.should_ask(name, now, 0.0 if force else RECONFIRM_SECONDS):
-            return []
-        return [Publish(self.topics.direct(name), M.RECONFIRM, {"run": self.run, "reason": "not enrolled"})]
-
-    def _on_presence(self, name: str, online: bool, now: float, *, grace: bool = False) -> list[Effect]:
-        """Presence: "offline" takes effect after `offline_grace` unless `grace` is off (the
-        silence timeout waited already); see `on_connection` for why."""
-        if grace and self.cfg.policy.offline_grace > 0 and self.registry.slaves[name].online:
-            self.registry.going_offline.setdefault(name, now)
-            return []
-        fx = self.registry.set_online(name, online)
-        changed = bool(fx)
-        fx += self._availability(name, online, now)
-        return fx + (self._status(now) if changed else [])
+    def _act(self, out: Outcome, now: float) -> list[Effect]:
+        """Carry out what enrollment decided: its effects, then each change of availability."""
+        fx = list(out.effects)
+        for name, available in out.changes:
+            fx += self._availability(name, available, now)
+        return fx + (self._status(now) if out.status else [])
 
     def _availability(self, name: str, online: bool, now: float) -> list[Effect]:
         """A slave became available (join or start a round) or not (the round may close now)."""
@@ -249,7 +216,7 @@ class MasterCore:
         fx: list[Effect] = []
         for name in self.registry.silent(rnd.participants, rnd.answered, rnd.started, now, limit):
             fx += [Log("warning", f"{name} silent for {limit:.0f} s; presumed offline")]
-            fx += self._on_presence(name, False, now)
+            fx += self._act(self.enrollment.presence(name, False, now, self.run, grace=False), now)
             if self.round is not rnd:  # that closed the round
                 break
         return fx
@@ -361,6 +328,7 @@ class MasterCore:
         """Count an update in the open round; the schedule may turn it into a version at once."""
         assert self.round is not None
         self.round.count(uid, update, record["bytes"])
+        self.contributions[update.sender] = self.contributions.get(update.sender, 0) + 1
         slave = self.registry.get(update.sender)
         bytes_in = record["body"].get("metrics", {}).get("bytes_in")
         if slave is not None and isinstance(bytes_in, int):
@@ -379,24 +347,18 @@ class MasterCore:
             return self._discard(rnd, bad, now, strategy_before)
         version = self.store.adopt(params)
         self.ledger.mark_applied(list(rnd.updates), version, self.schedule.horizon)
-        row = metrics_row(rnd, version, {n: s.bytes_in for n, s in self.slaves.items()}, now)
-        row.update(self.schedule.row(list(rnd.updates.values()), version))
-        row["aggregation_seconds"] = round(self._aggregation_seconds, 6)
+        row = version_row(self, rnd, version, now)
         self._aggregation_seconds = 0.0
-        if self.evaluate is not None:
-            scores = self.evaluate(self.store.params)
-            row.update({k: float(scores[k]) for k in ("accuracy", "loss") if k in scores})
-            if "part_accuracy" in scores:  # a model with parts: each scored part
-                row["part_accuracy"] = dict(scores["part_accuracy"])
         self.history.append(row)
         self.rounds.close()
         target = self.cfg.target_accuracy
         done = version >= self.cfg.rounds or (target is not None and row.get("accuracy", 0.0) >= target)
         if done:
             self.phase.go("finished")
+        published = self.publisher.publish(self.run, self.round_number)  # decided before the checkpoint holds it
         fx: list[Effect] = [
             Checkpoint(self.checkpoint_state()),
-            *self._model_effects(),
+            *published,
             PublishJson(self.topics.master("metrics"), {"job": self.cfg.job, **row}, retain=True),
             Log("info", "round {round}: version {version}, {updates} update(s){acc}".format(
                 acc=f", accuracy {row['accuracy']:.4f}" if "accuracy" in row else "", **row)),
@@ -430,19 +392,12 @@ class MasterCore:
         return Publish(self.topics.master("instruction"), M.INSTRUCTION, instruction_body(self.cfg, self.run),
                        retain=True)
 
-    def _model_body(self, parts: list[str] | None = None) -> dict[str, Any]:
-        return {"run": self.run, **self.store.body(parts)}
-
-    def _holds(self, name: str) -> list[str] | None:
-        """The parts a slave is sent (those it trains and those they need); None: the whole model."""
-        trains = self.registry.slaves[name].parts
-        return None if trains is None else self.layout.holds(trains)
-
     def _model_effects(self) -> list[Publish]:
-        """The retained model: on `model`, or each part of a model with parts on `model/PART`."""
-        return [Publish(self.topics.model_part(part) if part else self.topics.master("model"), M.MODEL,
-                        {"run": self.run, **body}, version=self.version, round=self.round_number, retain=True)
-                for part, body in self.store.publications()]
+        return self.publisher.retained_all(self.run, self.round_number)
+
+    def note_published(self, kind: str, nbytes: int) -> None:
+        """The shell reports what a `Publish` cost on the wire (envelope and chunks included)."""
+        self.traffic.sent(kind, nbytes)
 
     def _announce(self, now: float) -> Publish:
         return self.rounds.announce(now, self.version, self.run)

@@ -31,6 +31,7 @@ from fedmq.common.errors import ConfigError, ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.keys import KeyRing, load_identity, public_key_from_raw
 from fedmq.common.layout import Layout
+from fedmq.common.privacy import epsilon_spent
 from fedmq.common.shell import HEARTBEAT_FILE, GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
 from fedmq.common.topics import master_client_id, split_chunk_topic
 from fedmq.common.workload import load_local_data
@@ -78,6 +79,8 @@ class MasterDaemon:
         if cfg.enrollment == "open":
             self.log.warning("enrollment mode 'open': any key that confirms is trusted (demos only)")
         model = job_model(cfg)  # the whole model, or its parts (a fixed teacher's weights read from its file)
+        if cfg.privacy is not None:
+            epsilon_spent(cfg.privacy.noise_multiplier, 1.0, 1, cfg.privacy.delta)  # the accountant is installed
         self.core = MasterCore(cfg, model, make_job_strategy(cfg), evaluate=_evaluator(cfg), timer=time.perf_counter,
                                run=uuid.uuid4().hex[:12])
         inbox = Inbox(ring, cfg.job, self_signed=M.SELF_SIGNED_KINDS)
@@ -223,7 +226,7 @@ class MasterDaemon:
     def _publish(self, fx: Publish) -> None:
         if self.journal.dirty:  # durable before acted on: what the journal holds is on disk before anything goes out
             self.acks.commit()
-        self.shell.publish(fx, self._now)
+        self.core.note_published(fx.kind, self.shell.publish(fx, self._now))
 
     def _publish_json(self, fx: PublishJson) -> None:
         self.shell.publish_json(fx)

@@ -7,9 +7,8 @@ besides the current one. Parameters are validated against the model template, so
 nothing of the wrong shape ever becomes a version.
 
 A model with parts (a fixed teacher and its students, a shared encoder and its task
-heads: common/layout.py) is one set of parameters and one version; it is published
-part by part, each on its own retained topic (`publications`), and a slave is sent,
-and may update, only the parts it confirmed (`body(parts)`, `spec(parts)`).
+heads: common/layout.py) is one set of parameters and one version; a slave may update
+only the parts it confirmed (`update_parts`, `spec(parts)`, `validate(tensors, parts)`).
 """
 
 from __future__ import annotations
@@ -67,17 +66,6 @@ class ModelStore:
         self.params = params
         self.version += 1
         return self.version
-
-    def body(self, parts: Iterable[str] | None = None) -> dict[str, Any]:
-        """The `model` message body of the current version (of `parts` only, if given)."""
-        return {"tensors": encode_state_dict(self._select(self.params, parts))}
-
-    def publications(self) -> list[tuple[str, dict[str, Any]]]:
-        """(part, body) of every retained `model` message of the current version: the
-        whole model as part "", or each part of a model that has parts."""
-        if self.layout is None or not self.layout.grouped:
-            return [("", self.body())]
-        return [(part, self.body([part])) for part in self.layout.parts]
 
     def checkpoint(self) -> dict[str, Any]:
         return {"version": self.version, "params": encode_state_dict(self.params)}

@@ -8,9 +8,10 @@ would cost O(n) per join, O(n^2) for a fleet.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from fedmq.common.effects import Effect, PublishJson
+from fedmq.common.privacy import epsilon_spent
 
 from .schedule import RoundState
 
@@ -37,9 +38,11 @@ def status_document(core: MasterCore, now: float) -> dict[str, Any]:
         "received": sorted(u.sender for u in rnd.updates.values()) if rnd else [],
         "deadline": rnd.deadline if rnd else None,
         "last_accuracy": core.history[-1].get("accuracy") if core.history else None,
-        "slaves": {n: {"enrolled": s.enrolled, "online": s.online, "samples": s.samples,
+        # once finished, the master stops following presence: "online" would go stale
+        "slaves": {n: {"enrolled": s.enrolled, "online": None if core.phase.finished else s.online,
+                       "samples": s.samples,
                        **({"declined": _text(s.declined)} if s.declined else {}),
-                       **({"parts": s.parts} if s.parts else {})}
+                       **({"parts": s.parts} if s.parts else {})}  # a model with parts: those it trains
                    for n, s in sorted(core.slaves.items()) if s.enrolled or s.declined or s.online},
         "not_enrolled": {n: _text(why) for n, why in ignored[:MAX_LISTED]},
         "not_enrolled_more": max(0, len(ignored) - MAX_LISTED),
@@ -47,20 +50,62 @@ def status_document(core: MasterCore, now: float) -> dict[str, Any]:
         "clipped": dict(sorted(core.intake.clipped.items())),
         "discarded": core.discarded,
         "duplicates": core.duplicates,
+        "traffic": core.traffic.total,
+        **({"privacy": {**core.cfg.privacy.to_wire(), "epsilon": core.history[-1].get("epsilon", 0.0)
+                        if core.history else 0.0}} if core.cfg.privacy is not None else {}),
+        "downlink": {"keyframes": core.publisher.keyframes_sent, "deltas": core.publisher.deltas_sent,
+                     "drift": round(core.publisher.drift(), 6)},
         "updated": round(now, 3),
     }
 
 
-def metrics_row(rnd: RoundState, version: int, bytes_in: Mapping[str, int], now: float) -> dict[str, Any]:
-    """The metrics of the version `rnd` made (before the evaluation and the schedule's extras)."""
+def version_row(core: MasterCore, rnd: RoundState, version: int, now: float) -> dict[str, Any]:
+    """The metrics of the version `rnd` made: its updates, time, bytes, the schedule's
+    extras, the ε spent under DP, and the evaluation if the master has a test set."""
     updates = list(rnd.updates.values())
-    return {
+    row: dict[str, Any] = {
         "round": rnd.number, "version": version, "updates": len(updates),
         "samples": sum(int(u.aggregation_weight) for u in updates), "seconds": round(now - rnd.started, 3),
         "update_ids": sorted(rnd.updates),
         "bytes_up": rnd.bytes_up,
-        "bytes_down": sum(max(0, bytes_in[n] - base) for n, base in rnd.bytes_down_base.items()),
+        "bytes_down": sum(max(0, core.slaves[n].bytes_in - base) for n, base in rnd.bytes_down_base.items()),
+        **core.schedule.row(updates, version),
+        "aggregation_seconds": round(core._aggregation_seconds, 6),
+        "traffic": core.traffic.take_round(),
     }
+    if (dp := core.cfg.privacy) is not None:  # the slave that sent the most updates spent the most
+        row["epsilon"] = epsilon_spent(dp.noise_multiplier, 1.0, max(core.contributions.values(), default=0), dp.delta)
+    if core.evaluate is not None:
+        scores = core.evaluate(core.store.params)
+        row.update({k: float(scores[k]) for k in ("accuracy", "loss") if k in scores})
+        if "part_accuracy" in scores:  # a model with parts: each part scored
+            row["part_accuracy"] = dict(scores["part_accuracy"])
+    return row
+
+
+class Traffic:
+    """Bytes on the wire by direction and message kind (envelope and chunks included):
+    received as verified, and published as the shell reports them (one copy: the broker
+    fans it out to every subscriber). Cumulative for the status, per version for the metrics."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, dict[str, int]] = {"up": {}, "down": {}}
+        self._round: dict[str, dict[str, int]] = {"up": {}, "down": {}}
+
+    def _add(self, direction: str, kind: str, nbytes: int) -> None:
+        for book in (self.total, self._round):
+            book[direction][kind] = book[direction].get(kind, 0) + nbytes
+
+    def received(self, kind: str, nbytes: int) -> None:
+        self._add("up", kind, nbytes)
+
+    def sent(self, kind: str, nbytes: int) -> None:
+        self._add("down", kind, nbytes)
+
+    def take_round(self) -> dict[str, dict[str, int]]:
+        """What went by since the last version (and start counting the next one)."""
+        taken, self._round = self._round, {"up": {}, "down": {}}
+        return taken
 
 
 class StatusBoard:

@@ -32,7 +32,11 @@ from fedmq.common.errors import ProtocolError
 from fedmq.common.jobconfig import SlaveConfig
 from fedmq.common.layout import Layout
 from fedmq.common.modelspec import build_model, float_state, load_float_state
-from fedmq.common.tensors import encode_state_dict
+from fedmq.common.compression import ErrorFeedback, WrongBase, apply_model_delta, encode_update
+from fedmq.common.compression_settings import CompressionSettings
+from fedmq.common.privacy import privatize
+from fedmq.common.privacy_settings import DPSettings
+from fedmq.common.tensors import Limits, encode_state_dict, spec_of
 
 from .assembly import ModelAssembly
 from .plan import SlavePlan, plan_for, train_parts
@@ -41,6 +45,12 @@ from .trainer import LocalResult, train_local
 Params = dict[str, torch.Tensor]
 KEEP_DONE_ROUNDS = 64
 CONFIRM_RETRY = (30.0, 300.0)  # an unanswered confirm is sent again after 30 s, doubling up to 5 min
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    compression: CompressionSettings
+    privacy: DPSettings | None
 
 
 @dataclass
@@ -74,6 +84,8 @@ class SlaveCore:
     pending: dict[str, Any] | None = None  # last update body, kept until a newer version arrives
     _confirmed_at: float | None = None  # an unanswered confirm went out then
     _retry: float = CONFIRM_RETRY[0]
+    settings: JobSettings | None = None  # what the instruction says about compression and privacy
+    feedback: ErrorFeedback | None = None  # what uplink compression left out, sent later (error feedback)
     _plan: SlavePlan | None = None  # what it trains in the instruction's job (slave/plan.py)
     _assembly: ModelAssembly | None = None  # collects the parts of a model version
 
@@ -121,6 +133,8 @@ class SlaveCore:
             self.floor = int(saved.get("version", -1))
             self.done_rounds = list(saved.get("done_rounds", []))
             self.pending = saved.get("pending")
+            if self.instruction is not None and self._adopt_settings(self.instruction) is None and self.feedback:
+                self.feedback.load_state_dict(saved.get("feedback") or {"residual": {}})
         if self.instruction is not None and not self.enrolled:
             # It confirmed (or declined) before the restart and heard nothing back; the data
             # may have changed meanwhile: decide again.
@@ -152,6 +166,8 @@ class SlaveCore:
             return self._resend_pending() + self._maybe_train(now)
         if msg.kind == M.RECONFIRM:
             return self._on_reconfirm(now)
+        if msg.kind == M.DELTA:
+            return self._on_delta(msg, now)
         return [Log("warning", f"ignoring {msg.kind} message")]
 
     def tick(self, now: float) -> list[Effect]:
@@ -172,7 +188,7 @@ class SlaveCore:
             "update_id": f"{self.cfg.slave_id}/{rnd}/{version}", "kind": result.kind, "base_version": version,
             "samples": result.num_samples,
             "metrics": {**{k: float(v) for k, v in result.metrics.items()}, "bytes_in": bytes_in},
-            "tensors": encode_state_dict(result.tensors),
+            "tensors": self._wire_tensors(result),
             **({"parts": result.parts} if result.parts else {}),  # a model with parts: those it trained
         }
         self.pending = {"round": rnd, "body": body}
@@ -194,7 +210,18 @@ class SlaveCore:
     def state(self) -> dict[str, Any]:
         return {"instruction": self.instruction, "instruction_digest": self.instruction_digest,
                 "enrolled": self.enrolled, "declined": self.declined, "version": max(self.floor, self.version),
-                "done_rounds": self.done_rounds, "pending": self.pending}
+                "done_rounds": self.done_rounds, "pending": self.pending,
+                "feedback": self.feedback.state_dict() if self.feedback else None}
+
+    def _wire_tensors(self, result: LocalResult) -> dict[str, Any]:
+        """The update's tensors as they travel: noised (DP), then compressed (with error
+        feedback) -- a delta or gradient; a student's whole weights go as they are."""
+        if result.kind not in ("delta", "gradient") or self.settings is None:
+            return encode_state_dict(result.tensors)
+        tensors = result.tensors
+        if self.settings.privacy is not None:
+            tensors = privatize(tensors, self.settings.privacy)
+        return encode_update(tensors, self.settings.compression.uplink, self.feedback)
 
     # ------------------------------------------------------------ enrollment
 
@@ -205,7 +232,7 @@ class SlaveCore:
             return []  # the same instruction again (retained redelivery, master restart)
         if body["run"] != self.run:  # a new run of the job starts from nothing
             self.model, self.version, self.floor, self.round = None, -1, -1, None
-            self.done_rounds, self.pending = [], None
+            self.done_rounds, self.pending, self.feedback = [], None, None
         self.instruction_digest, self.instruction = digest, dict(body)
         self.enrolled = False
         self._plan = self._assembly = None  # the parts it trains follow from the instruction
@@ -229,12 +256,29 @@ class SlaveCore:
         need = body["requirements"].get("min_samples", 1)
         if self.samples < need:
             return f"{self.samples} local samples, the job needs {need}"
+        if why := self._adopt_settings(body):
+            return why
         plan = self._make_plan(body)  # builds the model (or its parts) and checks the data against it
         if isinstance(plan, str):
             return plan
         if self.model is not None and set(float_state(self.model)) != set(float_state(plan.build())):
             self.model, self.version = None, -1  # the parts it holds changed: take the next model afresh
         self._plan, self._assembly = plan, None
+        return None
+
+    def _adopt_settings(self, body: Mapping[str, Any]) -> str | None:
+        """Read the instruction's compression and privacy settings (None), or say why not."""
+        try:
+            compression = CompressionSettings.from_wire(body.get("compression", {}))
+            privacy = DPSettings.from_wire(body["privacy"]) if "privacy" in body else None
+        except ProtocolError as exc:
+            return f"cannot follow the instruction's settings: {exc.detail}"
+        self.settings = JobSettings(compression, privacy)
+        uplink = compression.uplink
+        if not uplink.error_feedback:
+            self.feedback = None
+        elif self.feedback is None or self.feedback.encoding != uplink:
+            self.feedback = ErrorFeedback(uplink)
         return None
 
     def _confirm(self, now: float) -> list[Effect]:
@@ -269,11 +313,13 @@ class SlaveCore:
         if not newer and not first:
             return []
         if newer:
-            try:
-                tensors = self.assembly.offer(version, M.tensors_of(msg.body))  # a model with parts: one part
+            model = self.model if self.model is not None else self.plan.build()
+            spec = spec_of(float_state(model))
+            try:  # (a model with parts comes part by part: the assembly says when a version is whole)
+                tensors = M.tensors_of(msg.body, Limits.for_model(spec), expected=spec, partial=self.plan.holds is not None)
+                tensors = self.assembly.offer(version, tensors)
                 if tensors is None:
                     return []  # the other parts of this version are still to come
-                model = self.model if self.model is not None else self.plan.build()
                 load_float_state(model, tensors)
             except ProtocolError as exc:
                 return [Log("warning", f"rejected model version {version}: {exc}")]
@@ -286,6 +332,25 @@ class SlaveCore:
             fx += self._follow()
         fx += [SaveState(self.state()), Log("info", f"model version {version}")]
         return fx + self._maybe_train(now)
+
+    def _on_delta(self, msg: Received, now: float) -> list[Effect]:
+        """A compressed change from the version this slave holds to the next (PROTOCOL.md
+        9.5). Against another base (it missed one) it is ignored: the master sends a full
+        model to a slave that comes back, and a keyframe every few versions."""
+        version = msg.manifest.version
+        if not self.enrolled or self.model is None or version <= self.version:
+            return []
+        try:
+            params = apply_model_delta(float_state(self.model), msg.body, held_version=self.version)
+        except WrongBase as exc:
+            return [Log("info", f"delta to version {version} not applied: {exc}; waiting for a full model")]
+        except ProtocolError as exc:
+            return [Log("warning", f"rejected delta to version {version}: {exc}")]
+        load_float_state(self.model, params)
+        self.version, self.floor = version, max(self.floor, version)
+        if self.pending is not None and self.pending["body"]["base_version"] < version:
+            self.pending = None
+        return [SaveState(self.state()), Log("info", f"model version {version} (delta)")] + self._maybe_train(now)
 
     def _resend_pending(self) -> list[Effect]:
         """A round announced again (master restarted, or re-planned it) that does not list
@@ -300,7 +365,8 @@ class SlaveCore:
                         version=rnd.version, round=rnd.number)]
 
     def _follow(self) -> list[Effect]:
-        return [*(Subscribe(t) for t in self.plan.model_topics(self.topics)), Subscribe(self.topics.master("round"))]
+        return [*(Subscribe(t) for t in self.plan.model_topics(self.topics)), Subscribe(self.topics.master("round")),
+                Subscribe(self.topics.master("delta"))]
 
     def _maybe_train(self, now: float) -> list[Effect]:
         """Train when the current round names us on the version we hold. A synchronous
@@ -327,6 +393,8 @@ def run_training(instruction: Mapping[str, Any], params: Params, dataset: Datase
     load_float_state(model, params)
     t = instruction["train"]
     kind = instruction["update"]
+    constraints = CompressionSettings.from_wire(instruction.get("compression", {})).constraints
     return train_local(model, dataset, kind=kind, epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
                        momentum=t["momentum"], weight_decay=t["weight_decay"], prox_mu=t["prox_mu"],
-                       grad_batches=t["grad_batches"] or None, seed=seed)
+                       grad_batches=t["grad_batches"] or None, seed=seed,
+                       **(constraints.train_kwargs() if kind == "delta" else {}))

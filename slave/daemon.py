@@ -25,6 +25,7 @@ from typing import Any
 
 import cbor2
 import torch
+from torch.utils.data import Dataset
 
 from fedmq.common import messages as M
 from fedmq.common.channel import Inbox, Sealer, initial_seq
@@ -39,6 +40,26 @@ from fedmq.common.workload import data_misfit, load_local_data, task_counts
 from .core import SlaveCore, run_training
 
 STATE = "state.cbor"
+
+
+class TrainingStopped(Exception):
+    """Local training was interrupted because the daemon is stopping (not a failure)."""
+
+
+class _Interruptible(Dataset):
+    """The local data, read through a flag: once the daemon stops, the next sample read
+    raises, so a SIGTERM ends local training within one batch instead of at its end."""
+
+    def __init__(self, data: Dataset, stop: threading.Event) -> None:
+        self.data, self.stop = data, stop
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        if self.stop.is_set():
+            raise TrainingStopped
+        return self.data[index]
 
 
 class SlaveDaemon:
@@ -68,6 +89,7 @@ class SlaveDaemon:
         self._online: bytes = b""
         self._arm_presence()
         self._chaos = random.Random()  # used on the worker thread only
+        self._stopping = threading.Event()  # set when the daemon stops: training ends within a batch
         self._now = 0.0
         self._interpret = self._interpreter()
 
@@ -94,6 +116,7 @@ class SlaveDaemon:
         try:
             self.shell.run(self.handle, lambda now: self.apply(self.core.tick(now), now))
         finally:
+            self._stopping.set()
             self.worker.shutdown(wait=False, cancel_futures=True)
             # a clean stop says goodbye itself: the broker does not send the will then
             self.shell.transport.publish(self.presence_topic, self._presence("offline", time.time()), qos=1, retain=True)
@@ -152,12 +175,14 @@ class SlaveDaemon:
             self.shell.transport.drop(pause=self._chaos.uniform(0.5, 3.0))
         try:
             start = time.monotonic()
-            result = run_training(self.core.instruction, fx.params, self.dataset,
+            result = run_training(self.core.instruction, fx.params, _Interruptible(self.dataset, self._stopping),
                                   seed=self.cfg.seed * 1_000_003 + fx.round)
             extra = (self.cfg.slowdown - 1.0) * (time.monotonic() - start)
-            if extra > 0:
-                threading.Event().wait(extra)
+            if extra > 0 and self._stopping.wait(extra):
+                raise TrainingStopped
             self.shell.events.put(("trained", (fx.round, fx.version, result)))
+        except TrainingStopped:
+            self.log.info("round %d: local training stopped (the daemon is stopping)", fx.round)
         except Exception as exc:  # noqa: BLE001 - reported to the core, never kills the daemon
             self.log.exception("local training failed")
             self.shell.events.put(("failed", (fx.round, f"{type(exc).__name__}: {exc}")))

@@ -12,7 +12,7 @@ is left as it was. The trainer never sleeps; a daemon that simulates slow device
 wait after the call, using ``metrics["seconds"]``.
 
 Delta training can be *constrained* so the delta is small by construction (the job's
-`[compression.constraints]`, see `common.compression.Constraints`): an L1 pull toward
+`[compression.constraints]`, see `common.compression_settings.Constraints`): an L1 pull toward
 the received weights, a per-tensor budget of changed entries, and a threshold below
 which changes are dropped. They act on parameters only; float buffers (BatchNorm
 statistics) are sent as computed.

@@ -16,8 +16,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmq.common import messages as M
 from fedmq.common.channel import Sealer
-from fedmq.common.compression import (Downlink, Uplink, compress_tensors, delta_body, encode_model_delta, encode_update,
-                                      params_digest, preset)
+from fedmq.common.compression import (
+    compress_tensors,
+    delta_body,
+    encode_model_delta,
+    encode_update,
+    params_digest,
+)
+from fedmq.common.compression_settings import (
+    Downlink,
+    Uplink,
+    preset,
+)
 from fedmq.common.jobconfig import parse_job
 from fedmq.common.keys import Identity, public_pem, raw_public_bytes
 from fedmq.common.tensors import encode_quantized, encode_sparse, encode_state_dict

@@ -56,7 +56,8 @@ class Bus:
         self.retained: dict[str, list[bytes]] = {}
         self.queue: list[tuple[str, list[bytes], bool]] = []
         self.effects: dict[str, list[Any]] = {}
-        self.json: dict[str, Any] = {}
+        self.json: dict[str, Any] = {}  # the last JSON message per topic
+        self.json_log: list[PublishJson] = []  # every one, in order
         self.rejections: list[tuple[str, str]] = []
         self.now = 1000.0
         self.finished = False
@@ -82,7 +83,7 @@ class Bus:
         node = self.nodes[name]
         return Interpreter({
             Publish: lambda fx: self._publish(node, fx),
-            PublishJson: lambda fx: self.json.__setitem__(fx.topic, fx.data),
+            PublishJson: lambda fx: (self.json.__setitem__(fx.topic, fx.data), self.json_log.append(fx)),
             Subscribe: lambda fx: self._subscribe(node, fx),
             Train: lambda fx: self._train(node, fx),
             Trust: lambda fx: node.inbox.keyring.add(fx.name, public_key_from_raw(fx.public_key)),

@@ -14,6 +14,8 @@ import pytest
 
 from fedmq.common import jobconfig
 from fedmq.common.brokerconfig import BrokerConfig
+from fedmq.common.compression_settings import preset
+from fedmq.common.privacy_settings import DPSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 UNCHECKED = {"model", "strategy"}  # free-form tables: checked by the model builder and the strategies
@@ -91,7 +93,9 @@ def test_protocol_lists_exactly_the_status_and_metrics_fields_the_master_sends(f
     protocol = (ROOT / "docs" / "PROTOCOL.md").read_text()
     sync = fleet(2, rounds=2, policy={"min_slaves": 2})
     asynchronous = fleet(2, rounds=2, strategy={"name": "fedbuff", "buffer_size": 2}, policy={"min_slaves": 2})
-    status = set(sync.json["fedmq/digits/status"])
-    metrics = set(sync.json["fedmq/digits/metrics"]) | set(asynchronous.json["fedmq/digits/metrics"])
+    private = fleet(2, rounds=2, policy={"min_slaves": 2}, privacy=DPSettings(clip_norm=1.0, noise_multiplier=0.5),
+                    compression=preset("topk"))
+    status = set(sync.json["fedmq/digits/status"]) | set(private.json["fedmq/digits/status"])
+    metrics = {key for bus in (sync, asynchronous, private) for key in bus.json["fedmq/digits/metrics"]}
     assert _table_fields(protocol, "`PREFIX/JOB/status` (retained") == status
     assert _table_fields(protocol, "`PREFIX/JOB/metrics` (retained") == metrics

@@ -88,13 +88,13 @@ def test_a_model_of_an_earlier_run_or_an_older_version_is_refused(fleet):
     bus = fleet(2, rounds=3, evaluate=False, policy={"min_slaves": 2})
     slave = bus.nodes["slave-0"].core
     master = bus.nodes["master"]
-    old_run = Publish(bus.cfg.topics.master("model"), M.MODEL, {"run": "earlier", **master.core.store.body()},
+    old_run = Publish(bus.cfg.topics.master("model"), M.MODEL, {**master.core.publisher.model_body("earlier")},
                       version=9, retain=True)
     bus.run("master", [old_run])
     bus.pump()
     assert slave.version == 3, "a signed model of another run is not adopted"
     bus.restart_slave("slave-0")  # state kept: it held version 3
-    older = Publish(bus.cfg.topics.master("model"), M.MODEL, {"run": master.core.run, **master.core.store.body()},
+    older = Publish(bus.cfg.topics.master("model"), M.MODEL, master.core.publisher.model_body(master.core.run),
                     version=2, retain=True)
     bus.run("master", [older])
     bus.pump()

@@ -408,9 +408,10 @@ def test_updates_held_by_the_broker_survive_its_restart_and_apply_once(fleet_fac
     for version, ids in held.items():
         assert len(ids) == len(slaves) and {uid: applied[uid] for uid in ids} == {uid: 1 for uid in ids}, (version, ids)
     log = fleet.log("master")
-    # Phase 1: the broker's copies came (MQTT dup) and were dropped as already received;
-    # the master's session came back from mosquitto.db both times.
-    assert "redelivered message" in log
+    # The master's session came back from mosquitto.db both times. Whether phase 1 also
+    # had updates in flight in the frozen master's socket (then the broker's MQTT-dup
+    # copies are dropped as already received) depends on timing the test cannot force;
+    # either way each held update was applied exactly once (checked above).
     assert log.count("session resumed") >= 2
     (first, second) = held.values()
     print(f"\nbroker restarts: held updates {sorted(first)} (in flight) and {sorted(second)} (queued) "

@@ -22,16 +22,10 @@ import torch
 from fedmq.common import envelope, messages
 from fedmq.common.channel import Inbox
 from fedmq.common.compression import (
-    PRESETS,
-    CompressionSettings,
-    Constraints,
     Delta,
     DeviceModel,
-    Downlink,
-    Encoding,
     ErrorFeedback,
     Keyframe,
-    Uplink,
     WrongBase,
     apply_model_delta,
     compress_tensor,
@@ -41,6 +35,14 @@ from fedmq.common.compression import (
     encode_model_delta,
     encode_update,
     params_digest,
+)
+from fedmq.common.compression_settings import (
+    PRESETS,
+    CompressionSettings,
+    Constraints,
+    Downlink,
+    Encoding,
+    Uplink,
     parse_compression,
     preset,
 )

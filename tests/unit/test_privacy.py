@@ -9,7 +9,8 @@ import torch
 
 from fedmq.common.errors import ConfigError, ProtocolError, Reason
 from fedmq.common.modelspec import build_model, float_state, load_float_state
-from fedmq.common.privacy import DPSettings, epsilon_spent, privatize
+from fedmq.common.privacy import epsilon_spent, privatize
+from fedmq.common.privacy_settings import DPSettings
 from fedmq.common.strategies import ClientUpdate, global_norm, make_strategy
 from fedmq.common.workload import evaluate, reference_split
 from fedmq.slave.trainer import train_local
