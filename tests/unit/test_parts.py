@@ -237,3 +237,36 @@ def test_npz_and_csv_sources_carry_a_task_column(tmp_path):
     np.savez(tmp_path / "bad.npz", x=np.zeros((2, 3), np.float32), y=np.array([0, 1]), task=np.zeros((2, 2)))
     with pytest.raises(ConfigError, match="task must be a 1-D array"):
         load_local_data(str(tmp_path / "bad.npz"))
+
+
+# ------------------------------------------------------------------ the test vectors
+
+
+def test_the_vectors_of_parts_follow_the_layout_their_instruction_describes():
+    from pathlib import Path
+
+    from fedmq.cli.decode import decode_payloads
+    from fedmq.common.keys import KeyRing, load_public_key
+
+    vectors = Path(__file__).resolve().parents[2] / "docs" / "vectors"
+    ring = KeyRing()
+    for name in ("master", "slave-01"):
+        ring.add(name, load_public_key(vectors / f"{name}.pub"))
+
+    def body(topic: str, *files: str) -> dict:
+        return decode_payloads([(vectors / f).read_bytes() for f in files], topic, ring)
+
+    multitask = body("fedmq/digits/instruction", "instruction-multitask.cbor")["body"]
+    layout = Layout.from_instruction(multitask)
+    assert layout.tasks == ["digit", "parity"]
+    distill = Layout.from_instruction(body("fedmq/digits/instruction", "instruction-distill.cbor")["body"])
+    assert distill.students == ["same", "half"] and distill.trainable == ["students.same", "students.half"]
+    confirm = body("fedmq/digits/confirm/slave-01", "confirm-parts.cbor")["body"]
+    confirmed, why = layout.confirmed_parts(confirm["parts"])
+    assert why is None
+    update = body("fedmq/digits/update/slave-01", "update-parts.000.cbor", "update-parts.001.cbor")
+    parts = layout.update_parts(update["body"]["parts"], confirmed)
+    assert parts == {"encoder": 120, "heads.digit": 120}
+    assert {layout.part_of(t["name"]) for t in update["tensors"]} == set(parts)
+    model = body("fedmq/digits/model/heads.parity", "model-part.cbor")
+    assert {layout.part_of(t["name"]) for t in model["tensors"]} == {"heads.parity"}
