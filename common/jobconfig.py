@@ -298,8 +298,6 @@ def parse_job(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] | 
     privacy = DPSettings.from_table(privacy_table) if privacy_table else None
     distill = parse_distill(root.sub("distill"), base, update)
     multitask = parse_multitask(root.sub("multitask"), update)
-    if distill is not None and multitask is not None:
-        raise ConfigError("multitask: a job has either [distill] students or [multitask] heads, not both")
     if (distill or multitask) and compression.downlink.delta:
         raise ConfigError("compression.downlink.delta: not supported with [distill] or [multitask] "
                           "(a model with parts is published part by part)")
