@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from fedmq.common.errors import ConfigError
 
@@ -83,14 +83,13 @@ def task_counts(dataset: Dataset) -> dict[str, int]:
     return {str(n): int(c) for n, c in zip(names, counts)}
 
 
-def task_subset(dataset: Dataset, task: str) -> TensorDataset:
-    """The (x, y) rows of one task (its queue: samples are queued per task)."""
+def task_subset(dataset: Dataset, task: str) -> Subset:
+    """The (x, y) rows of one task (its queue: samples are queued per task), read
+    through `dataset` (any wrapper that keeps its `tasks`)."""
     tasks = getattr(dataset, "tasks", None)
     if tasks is None:
         raise ValueError("the data has no task column")
-    rows = torch.from_numpy(np.flatnonzero(tasks == task))
-    x, y = dataset.tensors  # type: ignore[attr-defined]
-    return TensorDataset(x[rows], y[rows])
+    return Subset(dataset, np.flatnonzero(tasks == task).tolist())
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ class _Interruptible(Dataset):
 
     def __init__(self, data: Dataset, stop: threading.Event) -> None:
         self.data, self.stop = data, stop
+        self.tasks = getattr(data, "tasks", None)  # a task column ([multitask] jobs) reads through too
 
     def __len__(self) -> int:
         return len(self.data)  # type: ignore[arg-type]

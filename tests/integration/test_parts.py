@@ -76,7 +76,11 @@ def test_shared_encoder_and_task_heads_over_mqtt(mosquitto, tmp_path: Path) -> N
     watch = Watcher(mosquitto.settings)
     try:
         fleet.start_all()
-        assert fleet.procs["master"].wait(timeout=200) == 0, fleet.log("master")
+        try:
+            code = fleet.procs["master"].wait(timeout=200)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, "\n".join(fleet.log(n)[-3000:] for n in ["master", *fleet.names])
         deadline = time.monotonic() + 10  # the final retained status may trail the master's exit
         while watch.status.get("state") != "finished" and time.monotonic() < deadline:
             time.sleep(0.1)

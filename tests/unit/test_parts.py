@@ -199,6 +199,13 @@ def test_multitask_training_touches_only_the_encoder_and_the_heads_of_queued_tas
     held = {k: v for k, v in float_state(model).items() if layout.part_of(k) in ("encoder", "heads.digit")}
     again = train_parts(body, held, data, seed=0)
     assert set(again.tensors) == set(held) and again.parts == {"encoder": 40, "heads.digit": 40}
+    # as the daemon passes it: read through its interruptible wrapper, which keeps the task column
+    import threading
+
+    from fedmq.slave.daemon import _Interruptible
+
+    wrapped = train_parts(body, held, _Interruptible(data, threading.Event()), seed=0)
+    assert all(torch.equal(wrapped.tensors[k], again.tensors[k]) for k in held)
 
 
 def test_a_student_continues_from_the_received_global_student():
