@@ -33,6 +33,7 @@ from fedmq.common.update_safety import bound_client_update, capped_weight
 
 from .ledger import UpdateLedger
 from .modelstore import ModelStore
+from .rejections import clip
 from .schedule import RoundState, Schedule
 
 
@@ -76,7 +77,7 @@ class UpdateIntake:
         try:
             update = self.to_update(name, body, declared_samples, declared_parts)
         except ProtocolError as exc:
-            return Refusal(f"rejected update {uid} from {name}: {exc.reason} {exc.detail}".rstrip(), "warning",
+            return Refusal(f"rejected update {uid} from {name}: {exc.reason} {clip(exc.detail)}".rstrip(), "warning",
                            exc.reason)
         if why := self.schedule.admissible(update, self.store.version):
             return Refusal(f"update {uid} from {name} not used: {why}", reason=Reason.STALE)

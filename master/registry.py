@@ -18,7 +18,7 @@ from fedmq.common.channel import Received
 from fedmq.common.effects import Effect, Log, Trust
 from fedmq.common.errors import Reason
 
-from .rejections import Rejections
+from .rejections import Rejections, clip
 
 if TYPE_CHECKING:
     from fedmq.common.layout import Layout
@@ -102,7 +102,7 @@ class SlaveRegistry:
         rec = self.record(name)
         if msg.kind == M.DECLINE:
             rec.declined, rec.enrolled, rec.online = body["reason"][:MAX_REASON], False, False
-            return "declined", [Log("info", f"{name} declined the instruction: {body['reason']}")]
+            return "declined", [Log("info", f"{name} declined the instruction: {clip(rec.declined)}")]
         if body["samples"] < self.min_samples:
             rec.declined = f"{body['samples']} samples < min_samples {self.min_samples}"
             return "declined", [Log("info", f"{name} not enrolled: {rec.declined}")]

@@ -11,6 +11,14 @@ from typing import Mapping
 from fedmq.common.effects import Effect, Log
 
 
+MAX_DETAIL = 300  # characters of a rejection's detail logged: it may quote what a remote party sent
+
+
+def clip(text: str, limit: int = MAX_DETAIL) -> str:
+    """`text` cut to `limit` characters: a log line must not grow with what a remote party sends."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 class Rejections:
     def __init__(self) -> None:
         self.by_reason: dict[str, int] = {}
@@ -22,7 +30,7 @@ class Rejections:
     def count(self, reason: str, sender: str | None, detail: str = "") -> list[Effect]:
         """Count and log one rejected message."""
         self.tally(reason)
-        return [Log("warning", f"rejected message from {sender or '?'}: {reason} {detail}".rstrip())]
+        return [Log("warning", f"rejected message from {sender or '?'}: {reason} {clip(detail)}".rstrip())]
 
     def restore(self, counts: Mapping[str, int]) -> None:
         self.by_reason = dict(counts)

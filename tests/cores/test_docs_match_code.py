@@ -21,7 +21,7 @@ from fedmq.common.privacy_settings import DPSettings
 from fedmq.master.jobmodel import write_weights
 
 ROOT = Path(__file__).resolve().parents[2]
-UNCHECKED = {"model", "strategy"}  # free-form tables: checked by the model builder and the strategies
+UNCHECKED = {"model", "strategy", "compression", "privacy"}  # tables with parsers of their own (which name the key)
 
 
 def _toml_block(text: str, after: str) -> str:
@@ -108,3 +108,21 @@ def test_protocol_lists_exactly_the_status_and_metrics_fields_the_master_sends(f
     metrics = {key for bus in (sync, asynchronous, private, parts) for key in bus.json["fedmq/digits/metrics"]}
     assert _table_fields(protocol, "`PREFIX/JOB/status` (retained") == status
     assert _table_fields(protocol, "`PREFIX/JOB/metrics` (retained") == metrics
+
+
+def test_the_readme_config_files_parse_as_written() -> None:
+    """Pasted as shown (and with its commented-out keys uncommented), README's files load."""
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    for heading, parse in (("`job.toml` (the master's", jobconfig.parse_job), ("`slave.toml` (one per device)",
+                                                                               jobconfig.parse_slave)):
+        block = _toml_block(readme, heading)
+        parse(tomllib.loads(block), ROOT)
+    job = _toml_block(readme, "`job.toml` (the master's")
+    compression = re.search(r"^\[compression\][^\n]*\n(.*?)\n\n", job, flags=re.S | re.M).group(1)
+    uncommented = re.sub(r"^# (\S.*?)\s+#.*$", r"\1", compression, flags=re.M)
+    from fedmq.common.compression_settings import parse_compression
+
+    settings = parse_compression(tomllib.loads(uncommented.replace("[compression.", "[")))
+    assert settings.uplink.topk == 0.01 and settings.downlink.delta and settings.uplink.error_feedback
