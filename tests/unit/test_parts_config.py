@@ -95,3 +95,23 @@ def test_fedmq_master_run_refuses_parts_that_do_not_fit(master_dir, data, messag
     code, err = run_master(master_dir, data)
     assert code == 2, err
     assert err.startswith(f"fedmq: error: {message}") and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_readme_examples_of_parts_parse_when_uncommented():
+    """README's job.toml shows [distill] and [multitask] commented out: as a user would
+    uncomment them (each with [model] to match), they load."""
+    import re
+    import tomllib
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+    def table(name: str) -> dict:
+        text = re.search(rf"^\[{name}\][^\n]*\n(.*?)\n\n", readme, flags=re.S | re.M).group(1)
+        lines = [re.sub(r"^# (\S.*?)\s+#.*$", r"\1", line) for line in text.splitlines() if not line.startswith("#  ")]
+        return tomllib.loads("\n".join(line for line in lines if not line.startswith("#")))
+
+    distill = parse_job(job({"job": {"update": "student"}, "distill": table("distill")}), Path("/x"))
+    assert list(distill.distill.students) == ["same", "half"] and distill.distill.teacher == Path("/x/teacher.cbor")
+    multitask = parse_job(job({"model": MULTITASK["model"] | {"sizes": [64, 128]}, "multitask": table("multitask")}),
+                          Path("/x"))
+    assert multitask.multitask.tasks == ("digit", "parity")
