@@ -113,6 +113,7 @@ class MasterDaemon:
         # its own retained messages, to put them back if anyone overwrites them (a junk
         # instruction would keep every new slave from enrolling)
         self._own_retained = {topics.master(name) for name in ("instruction", "model", "round")}
+        self._own_retained |= {topics.model_part(p) for p in self.core.layout.parts if p}  # a model with parts
         for topic in sorted(self._own_retained):
             self.shell.transport.subscribe(topic, qos=1)
             self.shell.transport.subscribe(topic + "/chunk/+", qos=1)
