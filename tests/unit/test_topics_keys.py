@@ -18,7 +18,8 @@ from click.testing import CliRunner, Result
 from fedmq.cli import main
 from fedmq.common.errors import ConfigError
 from fedmq.common.keys import Identity, KeyRing, key_id, load_identity, load_public_key, write_identity
-from fedmq.common.topics import DIRECT, MASTER_TOPICS, SLAVE_TOPICS, Topics, check_id, chunk_topic, split_chunk_topic
+from fedmq.common.topics import (DIRECT, MASTER_TOPICS, SLAVE_TOPICS, TOPIC_ROLES, Topics, check_id, chunk_topic,
+                                 split_chunk_topic)
 
 BAD_IDS = ["a/b", "a+", "+", "#", "a#", "", "a b", "-lead", ".", "x" * 65, "ü", "a\x00", "abc\n", "\n"]
 
@@ -45,6 +46,7 @@ def test_every_topic_builds_and_parses_back(prefix: str) -> None:
     assert t.parse(t.model_part("heads.digit")) == ("model", "heads.digit")
     assert t.retained_chunked(t.model_part("teacher")) and t.retained_chunked(t.master("round"))
     assert not t.retained_chunked(t.direct("s1")) and not t.retained_chunked(t.master("status"))
+    assert all(r.chunked for r in TOPIC_ROLES if r.keyed)  # the ACL's NAME/# rights cover NAME/KEY too
 
 
 def test_parse_rejects_foreign_and_malformed_topics() -> None:
