@@ -1,4 +1,4 @@
-"""A job's model as named parts: one whole model, a fixed teacher with its students, or a shared encoder with task heads.
+"""A job's model as named parts: the whole model, a fixed teacher and its students, or an encoder and task heads.
 
 The master keeps one global state dict for all parts; every tensor belongs to exactly
 one part, and its name says which (docs/PROTOCOL.md, Appendix A):

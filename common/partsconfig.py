@@ -1,4 +1,4 @@
-"""The `[distill]` and `[multitask]` tables of a job file: students of a fixed teacher, or task heads on a shared encoder.
+"""The `[distill]` and `[multitask]` tables of a job file: a fixed teacher's students, or task heads on an encoder.
 
 Both turn the job's one model into named *parts* (common/layout.py builds them):
 

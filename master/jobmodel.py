@@ -1,4 +1,4 @@
-"""The master's model of a job at start: the whole model, or all its parts with the fixed teacher's weights from its file.
+"""The master's model of a job at start: the whole model, or all its parts with the fixed teacher's weights read in.
 
 Built once when the master starts (a checkpoint, if any, then replaces the weights):
 the parts are checked against each other first (`Layout.check_fit`: a student that

@@ -1,4 +1,4 @@
-"""What devices are sent of a model with parts: each part on its own retained topic, and to one slave the parts it holds.
+"""How a model with parts goes out: each part on its own retained topic, and to one slave just the parts it holds.
 
 A model with parts (common/layout.py: a fixed teacher and its students, a shared encoder
 and its task heads) goes out at every version as one retained `model` message per part,

@@ -316,7 +316,8 @@ class SlaveCore:
             model = self.model if self.model is not None else self.plan.build()
             spec = spec_of(float_state(model))
             try:  # (a model with parts comes part by part: the assembly says when a version is whole)
-                tensors = M.tensors_of(msg.body, Limits.for_model(spec), expected=spec, partial=self.plan.holds is not None)
+                tensors = M.tensors_of(msg.body, Limits.for_model(spec), expected=spec,
+                                       partial=self.plan.holds is not None)
                 tensors = self.assembly.offer(version, tensors)
                 if tensors is None:
                     return []  # the other parts of this version are still to come
