@@ -1,4 +1,4 @@
-"""Helpers for the benchmarks: a counting TCP proxy, process-tree RSS sampling, cleanup.
+"""Helpers for the benchmarks: a counting TCP proxy and process-tree RSS sampling (cleanup: _procs.py).
 
 `CountingProxy` listens on 127.0.0.1 (one listener per label, e.g. "slaves" and
 "master"), forwards every connection to one upstream address and counts the bytes in
@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import os
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterable
@@ -267,52 +265,3 @@ def proc_table() -> dict[int, tuple[int, str, float, float, int]]:
                                 round(_BOOT + int(fields[19]) / _TICKS, 2), int(fields[21]) * _PAGE)
     return out
 
-
-def descendants(pid: int) -> dict[int, float]:
-    """PID -> start time of every live descendant of `pid` (start times guard against
-    signalling a PID the kernel has since handed to an unrelated process)."""
-    out: dict[int, float] = {}
-    try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return out
-    for c in children:
-        try:
-            out[c.pid] = c.create_time()
-        except psutil.Error:
-            pass
-    return out
-
-
-def kill_tree(proc: subprocess.Popen, known: dict[int, float] | None = None, timeout: float = 10.0) -> None:
-    """SIGTERM a process we started, wait, then SIGKILL it and every descendant by PID.
-
-    `known` adds descendants seen earlier (children re-parented when their parent
-    died are no longer found below it).
-    """
-    pids = {**(known or {}), **descendants(proc.pid)}
-    if proc.poll() is None:
-        try:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    pids.update(descendants(proc.pid))
-    if proc.poll() is None:
-        proc.kill()
-    for pid, started in sorted(pids.items()):
-        _kill_pid(pid, started)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def _kill_pid(pid: int, started: float) -> None:
-    try:
-        p = psutil.Process(pid)
-        if abs(p.create_time() - started) > 0.05 or p.status() == psutil.STATUS_ZOMBIE:
-            return
-        os.kill(pid, signal.SIGKILL)
-    except (psutil.Error, ProcessLookupError, PermissionError):
-        pass

@@ -46,6 +46,8 @@ import psutil
 
 import numpy as np
 
+from _procs import stop_children_on_exit
+
 from fedmq.broker import start_broker
 from fedmq.common.workload import reference_split
 from fedmq.demo import LocalFleet
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="let the slave build its shard itself (data = reference:0/8, imports scikit-learn) "
                          "instead of reading it from an .npz file")
     args = ap.parse_args(argv)
+    stop_children_on_exit()
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="fedmq-footprint-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(f"work dir: {work}", flush=True)

@@ -46,7 +46,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cbor2  # noqa: E402
 import psutil  # noqa: E402
 
+from _procs import stop_children_on_exit  # noqa: E402
 from _ingest_common import JOB, MODES, SIZES, encoded_update, model_spec, param_count, seal_update  # noqa: E402
 
 from fedmq.broker import start_broker  # noqa: E402
@@ -477,10 +477,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600.0, help="per broker run, seconds")
     args = ap.parse_args()
 
-    def terminate(*_a: Any) -> None:  # run the cleanup below (brokers, processes) on SIGTERM too
-        raise SystemExit(143)
-
-    signal.signal(signal.SIGTERM, terminate)
+    stop_children_on_exit()  # the cleanup below (brokers, processes) runs on SIGTERM and SIGINT too
     plan = SMOKE_PLAN if args.smoke else PLAN
     configs = [(s, m) for s in plan for m in (("dense",) if args.smoke else MODES)]
     if args.only:

@@ -42,6 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psutil  # noqa: E402
+from _procs import stop_children_on_exit  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from fedmq.broker import start_broker  # noqa: E402
@@ -286,10 +287,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="keep logs, configs and state in this directory")
     args = ap.parse_args()
 
-    def terminate(*_a: Any) -> None:
-        raise SystemExit(143)
-
-    signal.signal(signal.SIGTERM, terminate)
+    stop_children_on_exit()
     fleets = [args.slaves] if args.slaves else list(FLEETS)
     fd = raise_fd_limit(4 * max(fleets) + 256)
     load0 = os.getloadavg()

@@ -259,8 +259,10 @@ def main() -> None:
         args.slaves, args.slow, args.versions = 2, 1, args.versions or 2
         args.seconds_per_pass = min(args.seconds_per_pass, 0.05)
         args.timeout = min(args.timeout, 120.0)
+    from _procs import stop_children_on_exit
     from fedmq.broker import find_mosquitto
 
+    stop_children_on_exit()
     if find_mosquitto() is None:
         sys.exit("stragglers: needs the mosquitto binary (apt-get install mosquitto)")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fedmq-stragglers-"))

@@ -10,28 +10,33 @@ evaluates on the saved test set; Flower's apps read the same arrays), the MLP
 momentum, shuffling seeded with the round number on both sides, FedAvg weighted by
 samples over all clients, centralized accuracy on the test set after every round.
 
-* **fedmq**: `fedmq.demo.LocalFleet` — one master and N slave processes against a
-  Mosquitto started here on a free port. The slaves connect through one listener of a
-  counting TCP proxy, the master through another, so bytes from/to slaves (up/down)
-  and the master's own traffic are measured separately, on the wire.
-* **Flower** (``flwr``, deployment engine): ``flower-superlink`` on a free loopback
-  port, N ``flower-supernode`` processes connecting through the counting proxy (their
-  Fleet API traffic is what is counted), ``flwr run`` of the app in
-  bench/flower_app/. Runtime dependency installation, telemetry and update checks are
-  off, so nothing leaves 127.0.0.1.
+* **fedmq**, twice per scenario: uncompressed (``fedmq_dense``) and with the job's
+  ``[compression] preset = --compression`` (``fedmq``; default "lean", see
+  docs/PROTOCOL.md 8.1). `fedmq.demo.LocalFleet` — one master and N slave processes
+  against a Mosquitto started here on a free port. The slaves connect through one
+  listener of a counting TCP proxy, the master through another, so bytes from/to slaves
+  (up/down) and the master's own traffic are measured separately, on the wire; the
+  master's own count by message kind (its status's ``traffic``) comes along.
+* **Flower** (``flwr`` as pinned by the ``[bench]`` extra, 1.27.0, deployment engine):
+  ``flower-superlink`` with its Fleet, ServerAppIo and Control APIs (gRPC) on free
+  loopback ports, N ``flower-supernode`` processes connecting to the Fleet API through
+  the counting proxy (their traffic is what is counted), ``flwr run`` of the app in
+  bench/flower_app/. Telemetry and update checks are off, so nothing leaves 127.0.0.1.
 
 Per system and scenario: accuracy per round, seconds per round (median; fedmq: the
 master's round duration, Flower: the ServerApp's, both from sending the round to
 the aggregated model), seconds to 0.90 (sum of round durations, as fedmq's demo report
-counts it) and wall seconds from launch to 0.90, bytes up/down (total over the run and
-the mean per round over rounds 2..N), peak RSS of the server side and of one client
-side (process trees, psutil, sampled every 0.2 s), machine CPU seconds used.
+counts it) and wall seconds from launch to 0.90, bytes up/down (total over the run,
+up to the end of the first round at 0.90, and the mean per round over rounds 2..N),
+peak RSS of the server side and of one client side (process trees, psutil, sampled
+every 0.2 s), machine CPU seconds used.
 
 The **slow scenario** makes `--slow-clients` of the clients (the last ones) stretch
 local training by `--slowdown` (fedmq: ``[slave] slowdown``; Flower: the ClientApp
 sleeps (slowdown - 1) x its training time, node config ``slowdown``).
 
-The last line of stdout is JSON. Nothing here asserts timings.
+SIGTERM or SIGINT stops every process the benchmark started (bench/_procs.py). The
+last line of stdout is JSON. Nothing here asserts timings.
 """
 
 from __future__ import annotations
@@ -55,9 +60,11 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _proxy import CountingProxy, RssSampler, kill_tree  # noqa: E402
+from _procs import kill_tree, stop_children_on_exit, track  # noqa: E402
+from _proxy import CountingProxy, RssSampler  # noqa: E402
 
 from fedmq.broker import free_port, start_broker  # noqa: E402
+from fedmq.common.compression_settings import PRESETS  # noqa: E402
 from fedmq.common.workload import ReferenceSplit, reference_split  # noqa: E402
 from fedmq.demo import LocalFleet, Watcher  # noqa: E402
 
@@ -114,11 +121,11 @@ def summarize(rows: list[dict[str, Any]], t_launch: float, proxy: CountingProxy,
                 r[f"{prefix}bytes_{d}"] = proxy.bytes_between(label, d, prev, r["t_end"])
         prev = r["t_end"]
     secs = [r["seconds"] for r in rows]
-    total, to_target, wall_to_target = 0.0, None, None
+    total, to_target, wall_to_target, hit = 0.0, None, None, None
     for r in rows:
         total += r["seconds"]
         if r["accuracy"] >= TARGET:
-            to_target, wall_to_target = round(total, 3), round(r["t_end"] - t_launch, 3)
+            to_target, wall_to_target, hit = round(total, 3), round(r["t_end"] - t_launch, 3), r
             break
     out: dict[str, Any] = {
         "rounds": len(rows),
@@ -134,6 +141,8 @@ def summarize(rows: list[dict[str, Any]], t_launch: float, proxy: CountingProxy,
     for prefix, label in labels.items():
         for d in ("up", "down"):
             out[f"{prefix}bytes_{d}"] = proxy.total(label, d)
+            # everything from launch to the end of the first round at 0.90 (start-up included)
+            out[f"{prefix}bytes_{d}_to_090"] = proxy.bytes_between(label, d, 0.0, hit["t_end"]) if hit else None
             out[f"{prefix}bytes_{d}_per_round"] = [r[f"{prefix}bytes_{d}"] for r in rows]
             # Steady state: everything between the end of round 1 and the end of the last
             # round, over the rounds in between. Per-round windows are racy at their edges
@@ -150,7 +159,8 @@ def summarize(rows: list[dict[str, Any]], t_launch: float, proxy: CountingProxy,
 
 
 def run_fedmq(work: Path, data: dict[str, Any], clients: int, rounds: int, slow: set[int], slowdown: float,
-              timeout: float) -> dict[str, Any]:
+              timeout: float, compression: str = "none") -> dict[str, Any]:
+    """One fedmq run; `compression` is the job's `[compression] preset`."""
     root = work
     root.mkdir(parents=True, exist_ok=True)
     broker = start_broker("mosquitto", data_dir=root / "broker", persistence=False)
@@ -168,7 +178,8 @@ def run_fedmq(work: Path, data: dict[str, Any], clients: int, rounds: int, slow:
                 table["slowdown"] = float(slowdown)
             overrides[f"slave-{i:02d}"] = {"slave": table}
         fleet = LocalFleet(root / "fleet", {**settings, "port": slave_port}, slaves=clients, rounds=rounds,
-                           job={"broker": {"port": master_port}, "master": {"eval": str(data["test"])}},
+                           job={"broker": {"port": master_port}, "master": {"eval": str(data["test"])},
+                                "compression": {"preset": compression}},
                            slave_overrides=overrides)
         split_ok = same_split(root / "fleet" / "split.npz", data["split"])
         watcher = Watcher(settings, lambda row: arrivals.append((time.time(), row)))  # direct, not counted
@@ -188,8 +199,9 @@ def run_fedmq(work: Path, data: dict[str, Any], clients: int, rounds: int, slow:
             master_exit = None
         t_done = time.time()
         cpu = cpu_busy() - cpu0
-        time.sleep(0.5)  # the last metrics row
+        time.sleep(0.5)  # the last metrics row and status
         sampler.stop()
+        status = watcher.status
     finally:
         if watcher is not None:
             watcher.close()
@@ -201,7 +213,8 @@ def run_fedmq(work: Path, data: dict[str, Any], clients: int, rounds: int, slow:
              "updates": r.get("updates")} for t, r in arrivals]
     out = summarize(rows, t_launch, proxy, {"": "slaves", "master_": "master"}, t_done)
     out.update({
-        "system": "fedmq", "clients": clients, "slow_clients": sorted(slow), "slowdown": slowdown,
+        "system": "fedmq", "compression": compression, "clients": clients, "slow_clients": sorted(slow),
+        "slowdown": slowdown,
         "master_exit": master_exit, "same_split": split_ok, "broker": f"mosquitto {broker.host}:{broker.port}",
         "updates_per_round": [r["updates"] for r in sorted(rows, key=lambda r: r["round"])],
         "server_peak_rss_mb": round(sampler.peak_tree.get("server", 0) / 2**20, 1),
@@ -209,6 +222,8 @@ def run_fedmq(work: Path, data: dict[str, Any], clients: int, rounds: int, slow:
         "broker_peak_rss_mb": round(sampler.peak_tree.get("broker", 0) / 2**20, 1),
         "cpu_seconds": round(sampler.cpu_seconds(), 1), "machine_cpu_seconds": round(cpu, 1),
         "load_avg_1m_mean": _mean(sampler.loadavg), "logs": str(root / "fleet" / "logs"),
+        # the master's own count by message kind (one copy of each publish; the broker fans it out)
+        "master_traffic": status.get("traffic"), "downlink": status.get("downlink"),
     })
     return out
 
@@ -244,14 +259,14 @@ def run_flower(work: Path, data: dict[str, Any], clients: int, rounds: int, slow
     home.mkdir(exist_ok=True)
     logs.mkdir(exist_ok=True)
     bindir = Path(sys.executable).parent
-    link_port = free_port()
+    fleet_port, control_port = free_port(), free_port()
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
+        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{control_port}"\ninsecure = true\n')
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
     out_path = work / "rounds.jsonl"
     out_path.unlink(missing_ok=True)
-    proxy = CountingProxy("127.0.0.1", link_port)
+    proxy = CountingProxy("127.0.0.1", fleet_port)
     sampler = RssSampler()
     procs: dict[str, subprocess.Popen] = {}
 
@@ -259,26 +274,31 @@ def run_flower(work: Path, data: dict[str, Any], clients: int, rounds: int, slow
         with open(logs / f"{name}.log", "wb") as log:
             procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work,
                                            start_new_session=True)
+        track(procs[name])  # its group, for the cleanup at exit (a ClientApp may outlive its SuperNode)
         return procs[name]
 
     run_exit = None
     try:
         node_port = proxy.listen("clients")
         cpu0, t_launch = cpu_busy(), time.time()
-        link = start("superlink", [str(bindir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                   "--port", str(link_port), "--disable-runtime-dependency-installation"])
+        link = start("superlink", [str(bindir / "flower-superlink"), "--insecure",
+                                   "--fleet-api-address", f"127.0.0.1:{fleet_port}",
+                                   "--serverappio-api-address", f"127.0.0.1:{free_port()}",
+                                   "--control-api-address", f"127.0.0.1:{control_port}"])
         sampler.watch("server", link.pid)
         sampler.start()
-        _wait_port(link_port, 60, link)
+        for port in (fleet_port, control_port):
+            _wait_port(port, 60, link)
         for i in range(clients):
             cfg = f"partition-id={i} num-partitions={clients}" + (f" slowdown={float(slowdown)}" if i in slow else "")
             node = start(f"supernode-{i}", [str(bindir / "flower-supernode"), "--insecure",
-                                            "--superlink", f"127.0.0.1:{node_port}", "--port", str(free_port()),
+                                            "--superlink", f"127.0.0.1:{node_port}",
+                                            "--clientappio-api-address", f"127.0.0.1:{free_port()}",
                                             "--node-config", cfg])
             sampler.watch("client" if i == 0 else f"supernode-{i}", node.pid)  # others: CPU only
         run_config = (f'num-server-rounds={rounds} num-clients={clients} '
                       f'data-path="{data["flower"]}" out-path="{out_path}"')
-        run = start("flwr-run", [str(bindir / "flwr"), "run", str(FLOWER_APP), "bench", "--stream",
+        run = start("flwr-run", [str(bindir / "flwr"), "run", str(FLOWER_APP), "--stream",
                                  "--run-config", run_config])
         sampler.watch("cli", run.pid)
         deadline = time.monotonic() + timeout
@@ -368,34 +388,41 @@ def print_tables(results: dict[str, dict[str, Any]]) -> None:
     print()
     print("s/round: median; s to .90: sum of round durations; wall to .90: from launch; KB/rnd: rounds 2..N; "
           "CPU s: the system's processes; load: mean 1-min load average of the machine during the run")
-    header = (f"{'system':<14} {'rounds':>6} {'final acc':>9} {'s/round':>8} {'s to .90':>8} {'wall to .90':>11} "
-              f"{'KB up':>9} {'KB down':>9} {'KB up/rnd':>9} {'KB dn/rnd':>9} {'srv RSS MB':>10} "
-              f"{'cli RSS MB':>10} {'CPU s':>7} {'load':>5}")
+    header = (f"{'system':<16} {'rounds':>6} {'final acc':>9} {'s/round':>8} {'s to .90':>8} {'wall to .90':>11} "
+              f"{'KB up':>9} {'KB down':>9} {'KB up/rnd':>9} {'KB dn/rnd':>9} {'KB up .90':>9} {'KB dn .90':>9} "
+              f"{'srv RSS MB':>10} {'cli RSS MB':>10} {'CPU s':>7} {'load':>5}")
     print(header)
     for key, r in results.items():
         if not r or "rounds" not in r:
             continue
-        print(f"{key:<14} {r['rounds']:>6} {r['final_accuracy'] or 0:>9.4f} {r['seconds_per_round'] or 0:>8.3f} "
+        print(f"{key:<16} {r['rounds']:>6} {r['final_accuracy'] or 0:>9.4f} {r['seconds_per_round'] or 0:>8.3f} "
               f"{r['seconds_to_090'] if r['seconds_to_090'] is not None else '-':>8} "
               f"{r['wall_to_090'] if r['wall_to_090'] is not None else '-':>11} "
               f"{_kb(r['bytes_up']):>9} {_kb(r['bytes_down']):>9} {_kb(r['bytes_up_per_round_steady']):>9} "
-              f"{_kb(r['bytes_down_per_round_steady']):>9} {r['server_peak_rss_mb']:>10} "
+              f"{_kb(r['bytes_down_per_round_steady']):>9} {_kb(r['bytes_up_to_090']):>9} "
+              f"{_kb(r['bytes_down_to_090']):>9} {r['server_peak_rss_mb']:>10} "
               f"{r['client_peak_rss_mb']:>10} {r['cpu_seconds']:>7} {r['load_avg_1m_mean'] or 0:>5.1f}")
     for key, r in results.items():
         if r and r.get("system") == "fedmq":
             print(f"{key}: master's own traffic {_kb(r['master_bytes_up'])} KB up, {_kb(r['master_bytes_down'])} KB "
                   f"down ({_kb(r['master_bytes_up_per_round_steady'])} / "
                   f"{_kb(r['master_bytes_down_per_round_steady'])} KB per round); "
-                  f"broker peak RSS {r['broker_peak_rss_mb']} MB")
+                  f"broker peak RSS {r['broker_peak_rss_mb']} MB; compression {r['compression']}")
+            traffic = r.get("master_traffic") or {}
+            for d in ("up", "down"):
+                kinds = ", ".join(f"{kind} {_kb(n)}" for kind, n in sorted(traffic.get(d, {}).items()))
+                print(f"  master's count {d} by kind, KB (one copy per publish): {kinds or '-'}")
+            if r.get("downlink"):
+                print(f"  downlink: {r['downlink']}")
     print()
     print("accuracy per round:")
     for key, r in results.items():
         if r and "accuracy" in r:
-            print(f"  {key:<14} " + " ".join(f"{a:.3f}" for a in r["accuracy"]))
+            print(f"  {key:<16} " + " ".join(f"{a:.3f}" for a in r["accuracy"]))
     print("seconds per round:")
     for key, r in results.items():
         if r and "round_seconds" in r:
-            print(f"  {key:<14} " + " ".join(f"{s:.2f}" for s in r["round_seconds"]))
+            print(f"  {key:<16} " + " ".join(f"{s:.2f}" for s in r["round_seconds"]))
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -404,10 +431,49 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2)
 
 
+SYSTEMS = ("flower", "fedmq", "fedmq_dense")  # fedmq = the compressed run, fedmq_dense = no compression
+SUMMARY_KEYS = ["seconds_per_round", "seconds_to_090", "wall_to_090", "bytes_up", "bytes_down",
+                "bytes_up_to_090", "bytes_down_to_090", "bytes_up_per_round_steady", "bytes_down_per_round_steady",
+                "final_accuracy", "server_peak_rss_mb", "client_peak_rss_mb", "cpu_seconds", "machine_cpu_seconds",
+                "load_avg_1m_mean", "wall_seconds"]
+RATIO_KEYS = ["seconds_per_round", "seconds_to_090", "wall_to_090", "bytes_up", "bytes_down", "bytes_up_to_090",
+              "bytes_down_to_090", "bytes_up_per_round_steady", "bytes_down_per_round_steady",
+              "server_peak_rss_mb", "client_peak_rss_mb", "cpu_seconds"]
+FEDMQ_KEYS = ["master_bytes_up", "master_bytes_down", "master_bytes_up_per_round_steady",
+              "master_bytes_down_per_round_steady", "broker_peak_rss_mb", "same_split", "compression",
+              "master_traffic", "downlink"]
+DEFAULT_COMPRESSION = "lean"
+
+
+def summarize_all(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The flat keys of the last line: `SYSTEM[_slow]_KEY` for each system and scenario,
+    `ratio[_slow]_KEY` = Flower / fedmq (compressed), `ratio_dense[_slow]_KEY` = Flower / fedmq dense."""
+    summary: dict[str, Any] = {}
+    for suffix in ("", "_slow"):
+        for system in SYSTEMS:
+            r = results.get(system + suffix, {})
+            for k in SUMMARY_KEYS:
+                summary[f"{system}{suffix}_{k}"] = r.get(k)
+            summary[f"{system}{suffix}_accuracy"] = r.get("accuracy")
+            summary[f"{system}{suffix}_round_seconds"] = r.get("round_seconds")
+            if r.get("error"):
+                summary[f"{system}{suffix}_error"] = r["error"]
+            if system != "flower":
+                for k in FEDMQ_KEYS:
+                    summary[f"{system}{suffix}_{k}"] = r.get(k)
+        for ratio, system in (("ratio", "fedmq"), ("ratio_dense", "fedmq_dense")):
+            for k in RATIO_KEYS:
+                summary[f"{ratio}{suffix}_{k}"] = _ratio(summary[f"flower{suffix}_{k}"],
+                                                         summary[f"{system}{suffix}_{k}"])
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--compression", choices=[p for p in PRESETS if p != "none"], default=DEFAULT_COMPRESSION,
+                    help=f"the [compression] preset of the compressed fedmq run (default {DEFAULT_COMPRESSION})")
     ap.add_argument("--slow-clients", type=int, default=2, help="how many clients are slow in the slow scenario")
     ap.add_argument("--slowdown", type=float, default=5.0)
     ap.add_argument("--slow-rounds", type=int, default=None, help="rounds of the slow scenario (default: --rounds)")
@@ -419,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.clients < 1:
         ap.error("--rounds and --clients must be positive")
+    stop_children_on_exit()
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="fedmq-vs-flower-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(f"work dir: {work}", flush=True)
@@ -440,12 +507,13 @@ def main(argv: list[str] | None = None) -> int:
         suffix = "" if scenario == "base" else "_slow"
         timeout = 60 + rounds * args.round_timeout
         if not args.flower_only:
-            print(f"fedmq {scenario}: {args.clients} slaves, {rounds} rounds ...", flush=True)
-            results["fedmq" + suffix] = run_fedmq(work / f"fedmq-{scenario}", data, args.clients, rounds, slow_set,
-                                                  args.slowdown, timeout)
-            r = results["fedmq" + suffix]
-            print(f"  done: {r['rounds']} rounds, final accuracy {r['final_accuracy']}, "
-                  f"{r['seconds_per_round']} s/round, wall {r['wall_seconds']} s", flush=True)
+            for system, preset in (("fedmq_dense", "none"), ("fedmq", args.compression)):
+                print(f"fedmq {scenario}, compression {preset}: {args.clients} slaves, {rounds} rounds ...", flush=True)
+                results[system + suffix] = r = run_fedmq(work / f"{system}-{scenario}", data, args.clients, rounds,
+                                                         slow_set, args.slowdown, timeout, compression=preset)
+                print(f"  done: {r['rounds']} rounds, final accuracy {r['final_accuracy']}, "
+                      f"{r['seconds_per_round']} s/round, {_kb(r['bytes_up'])} KB up, {_kb(r['bytes_down'])} KB down, "
+                      f"wall {r['wall_seconds']} s", flush=True)
         if flower_skip is None:
             print(f"Flower {scenario}: {args.clients} supernodes, {rounds} rounds (deployment engine) ...", flush=True)
             try:
@@ -459,31 +527,10 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
 
     print_tables(results)
-    summary: dict[str, Any] = {"rounds": args.rounds, "clients": args.clients, "slow_rounds": slow_rounds,
-                               "slow_clients": sorted(slow), "slowdown": args.slowdown,
+    summary: dict[str, Any] = {"rounds": args.rounds, "clients": args.clients, "compression": args.compression,
+                               "slow_rounds": slow_rounds, "slow_clients": sorted(slow), "slowdown": args.slowdown,
                                "flower_engine": None if flower_skip else "deployment", "flower_skipped": flower_skip,
-                               "machine": machine(), "work_dir": str(work)}
-    keys = ["seconds_per_round", "seconds_to_090", "wall_to_090", "bytes_up", "bytes_down",
-            "bytes_up_per_round_steady", "bytes_down_per_round_steady", "final_accuracy",
-            "server_peak_rss_mb", "client_peak_rss_mb", "cpu_seconds", "machine_cpu_seconds", "load_avg_1m_mean",
-            "wall_seconds"]
-    for suffix in ("", "_slow"):
-        for system in ("flower", "fedmq"):
-            r = results.get(system + suffix, {})
-            for k in keys:
-                summary[f"{system}{suffix}_{k}"] = r.get(k)
-            summary[f"{system}{suffix}_accuracy"] = r.get("accuracy")
-            summary[f"{system}{suffix}_round_seconds"] = r.get("round_seconds")
-            if r.get("error"):
-                summary[f"{system}{suffix}_error"] = r["error"]
-        r = results.get("fedmq" + suffix, {})
-        for k in ("master_bytes_up", "master_bytes_down", "master_bytes_up_per_round_steady",
-                  "master_bytes_down_per_round_steady", "broker_peak_rss_mb", "same_split"):
-            summary[f"fedmq{suffix}_{k}"] = r.get(k)
-        for k in ("seconds_per_round", "seconds_to_090", "wall_to_090", "bytes_up", "bytes_down",
-                  "bytes_up_per_round_steady", "bytes_down_per_round_steady", "server_peak_rss_mb",
-                  "client_peak_rss_mb", "cpu_seconds"):
-            summary[f"ratio{suffix}_{k}"] = _ratio(summary[f"flower{suffix}_{k}"], summary[f"fedmq{suffix}_{k}"])
+                               "machine": machine(), "work_dir": str(work), **summarize_all(results)}
     (work / "results.json").write_text(json.dumps({"summary": summary, "results": results}, indent=2) + "\n")
     print(json.dumps(summary))
     return 0

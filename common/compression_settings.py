@@ -110,11 +110,16 @@ PRESETS: dict[str, CompressionSettings] = {
     "topk": CompressionSettings(
         uplink=Uplink(topk=0.01, quantize="int8", block=256, error_feedback=True),
         downlink=Downlink(delta=True, topk=0.05, quantize="int8", block=256)),  # 5%: bench/compression.py
+    # topk with a keyframe only every 100 versions: the fewest bytes per round. On the reference
+    # workload keyframes were 2/3 of topk's downlink per round (bench/vs_flower.py, docs/BENCHMARKS.md).
+    "lean": CompressionSettings(
+        uplink=Uplink(topk=0.01, quantize="int8", block=256, error_feedback=True),
+        downlink=Downlink(delta=True, topk=0.05, quantize="int8", block=256, keyframe_every=100)),
 }
 
 
 def preset(name: str) -> CompressionSettings:
-    """Settings by name (`fedmq demo --compression NAME`): none, int8, topk."""
+    """Settings by name (`fedmq demo --compression NAME`): none, int8, topk, lean."""
     try:
         return PRESETS[name]
     except KeyError:

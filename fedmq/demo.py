@@ -10,9 +10,11 @@ one, or an existing `--broker`), keys, configs and a report, all in one director
     DIR/logs/        one log per process
     DIR/state/       checkpoint, journal and slave state files
     DIR/split.npz    the data split (row indices), so another system can rerun it exactly
-    DIR/report.json  per-round accuracy, bytes and seconds; final accuracy; which broker
-                     (rewritten, atomically, after every round: watch it grow)
-    DIR/accuracy.png accuracy per round and per byte sent (with the [plot] extra)
+    DIR/report.json  per-round accuracy, bytes (up and down, and by message kind) and
+                     seconds; final accuracy; compression; which broker (rewritten,
+                     atomically, after every round: watch it grow)
+    DIR/accuracy.png accuracy per round and per byte sent, and bytes per round (with the
+                     [plot] extra)
     DIR/teacher.cbor with --update student: the fixed teacher the students distil from
 
 With ``--update student`` (knowledge distillation, docs/PROTOCOL.md section 11.8) the
@@ -43,6 +45,7 @@ from fedmq.common.keys import Identity, write_identity
 from fedmq.common.shell import write_atomic
 from fedmq.common.topics import Topics
 from fedmq.common.brokerconfig import BrokerConfig
+from fedmq.common.compression_settings import preset
 from fedmq.common.transport import Inbound, Transport
 
 JOB = "digits"
@@ -65,6 +68,7 @@ class DemoOptions:
     broker_kind: str = "auto"  # what to start otherwise: auto | mosquitto | embedded
     update: str = "delta"
     strategy: str = "fedavg"
+    compression: str = "none"  # the job's [compression] preset (none, int8, topk, ...)
     deadline: float = 60.0
     timeout: float = 900.0  # the whole run
 
@@ -289,7 +293,7 @@ def run_demo(opts: DemoOptions, on_row: Callable[[dict[str, Any]], None] = lambd
     fleet = None
     try:
         job: dict[str, Any] = {"job": {"update": opts.update}, "strategy": {"name": opts.strategy},
-                               "rounds": {"deadline": opts.deadline}}
+                               "rounds": {"deadline": opts.deadline}, "compression": {"preset": opts.compression}}
         students: dict[str, dict[str, Any]] = {}
         if opts.update == "student":
             root.mkdir(parents=True, exist_ok=True)
@@ -335,28 +339,59 @@ def seconds_to(rows: list[dict[str, Any]], accuracy: float) -> float | None:
     return None
 
 
+#: What the byte counts of report.json are (it carries this text, so it explains itself).
+ABOUT_BYTES = {
+    "rounds[].bytes_up": "bytes of the updates the master counted in this round, as the slaves published them "
+                         "(MQTT payloads: signed envelope and chunks included)",
+    "rounds[].bytes_down": "bytes the round's participants say they received during it (their bytes_in: every MQTT "
+                           "payload, so the broker's fan-out counts once per slave); round 1 includes start-up "
+                           "(instruction, first models)",
+    "rounds[].traffic": "the master's own count for this version by direction and message kind, as published or "
+                        "received (envelope and chunks included); one copy per publish: a model or delta the "
+                        "broker fans out to N slaves is counted once here, N times in bytes_down",
+    "traffic": "the master's count since it started (its status): start-up and the last version's publish included",
+    "bytes_up, bytes_down": "sums of the rounds' bytes_up and bytes_down",
+}
+
+
 def write_report(path: Path, opts: DemoOptions, result: DemoResult) -> dict[str, Any]:
-    rows = [{k: r.get(k) for k in ("round", "version", "accuracy", "loss", "updates", "bytes_up", "bytes_down", "seconds")}
+    rows = [{k: r.get(k) for k in ("round", "version", "accuracy", "loss", "updates", "bytes_up", "bytes_down",
+                                   "traffic", "seconds")}
             | ({"part_accuracy": r["part_accuracy"]} if "part_accuracy" in r else {})
             for r in sorted(result.rows, key=lambda r: r["round"])]
     report = {
         "job": JOB, "slaves": opts.slaves, "rounds_planned": opts.rounds, "update": opts.update,
-        "strategy": opts.strategy, "broker": result.broker, "rounds": rows,
+        "strategy": opts.strategy, "compression": opts.compression,
+        "compression_settings": preset(opts.compression).to_wire(), "broker": result.broker, "rounds": rows,
         "final_accuracy": rows[-1]["accuracy"] if rows else None,
         "seconds_to_090": seconds_to(rows, 0.90),
         "wall_seconds": result.seconds, "master_exit": result.master_exit,
         "bytes_up": sum(r["bytes_up"] or 0 for r in rows), "bytes_down": sum(r["bytes_down"] or 0 for r in rows),
+        "bytes_to_090": bytes_to(rows, 0.90),
+        "traffic": result.status.get("traffic", {}), "downlink": result.status.get("downlink", {}),
         "rejected": result.status.get("rejected", {}),
         **({"teacher_accuracy": result.teacher_accuracy} if result.teacher_accuracy is not None else {}),
+        "about_bytes": ABOUT_BYTES,
     }
     write_atomic(path, (json.dumps(report, indent=2) + "\n").encode())
     return report
 
 
+def bytes_to(rows: list[dict[str, Any]], accuracy: float) -> dict[str, int] | None:
+    """Bytes up and down (as in the rows) until the first round at `accuracy`."""
+    up = down = 0
+    for r in rows:
+        up, down = up + (r.get("bytes_up") or 0), down + (r.get("bytes_down") or 0)
+        if (r.get("accuracy") or 0.0) >= accuracy:
+            return {"up": up, "down": down}
+    return None
+
+
 def draw_report(report: Mapping[str, Any], path: Path) -> Path | None:
-    """Accuracy per round, and per cumulative byte (up + down), as a PNG; None without
-    matplotlib (the [plot] extra). The right-hand panel is the one that compares
-    update encodings: the same accuracy for fewer bytes."""
+    """Accuracy per round and per cumulative byte (up + down), and bytes up and down per
+    round, as a PNG; None without matplotlib (the [plot] extra). The middle panel is the
+    one that compares update encodings and compression presets: the same accuracy for
+    fewer bytes; the right one shows where the bytes go."""
     try:
         import matplotlib
 
@@ -368,22 +403,30 @@ def draw_report(report: Mapping[str, Any], path: Path) -> Path | None:
     rows = [r for r in report["rounds"] if r.get("accuracy") is not None]
     rounds = [r["round"] for r in rows]
     accuracy = [r["accuracy"] for r in rows]
-    sent, total = [], 0
-    for r in rows:
-        total += (r.get("bytes_up") or 0) + (r.get("bytes_down") or 0)
-        sent.append(total / 1e6)
-    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    up = [(r.get("bytes_up") or 0) / 1e3 for r in rows]
+    down = [(r.get("bytes_down") or 0) / 1e3 for r in rows]
+    sent, total = [], 0.0
+    for u, d in zip(up, down):
+        total += u + d
+        sent.append(total / 1e3)
+    fig, (by_round, by_bytes, per_round) = plt.subplots(1, 3, figsize=(15, 4.2))
     title = (f"fedmq demo: {report['slaves']} slaves, {report['update']} updates, {report['strategy']}, "
-             f"broker {report['broker'].get('kind')}")
+             f"compression {report.get('compression', 'none')}, broker {report['broker'].get('kind')}")
     fig.suptitle(title)
     by_round.plot(rounds, accuracy, marker="o", markersize=3)
     by_round.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1))
-    by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_bytes.plot(sent, accuracy, marker="o", markersize=3, color="tab:orange")
-    by_bytes.set(xlabel="MB sent, up + down (cumulative)")
+    by_bytes.set(xlabel="MB sent, up + down (cumulative)", ylabel="test accuracy", ylim=(0, 1))
     for ax in (by_round, by_bytes):
-        ax.grid(True, alpha=0.3)
         ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
+    per_round.plot(rounds, up, marker="^", markersize=3, label="up: updates the master counted")
+    per_round.plot(rounds, down, marker="v", markersize=3, label="down: received by the participants")
+    per_round.set(xlabel="round", ylabel="KB per round (log)", yscale="log")
+    per_round.legend(fontsize="small")
+    for ax in (by_round, per_round):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (by_round, by_bytes, per_round):
+        ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

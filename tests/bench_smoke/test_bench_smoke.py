@@ -28,6 +28,10 @@ VS_FLOWER_KEYS = {
     "ratio_seconds_per_round", "ratio_seconds_to_090", "ratio_bytes_up", "ratio_bytes_down",
     "ratio_slow_seconds_per_round", "fedmq_master_bytes_up", "fedmq_server_peak_rss_mb",
     "fedmq_client_peak_rss_mb", "flower_engine",
+    # the compressed run is fedmq_*, the uncompressed one fedmq_dense_*
+    "compression", "fedmq_compression", "fedmq_dense_bytes_up", "fedmq_dense_bytes_down", "fedmq_dense_final_accuracy",
+    "fedmq_dense_seconds_per_round", "fedmq_dense_seconds_to_090", "fedmq_bytes_up_to_090", "flower_bytes_up_to_090",
+    "fedmq_master_traffic", "ratio_dense_bytes_up",
 }
 
 FOOTPRINT_KEYS = {
@@ -51,6 +55,10 @@ def test_vs_flower_fedmq_only(mosquitto_bin: str, tmp_path: Path) -> None:
     assert len(out["fedmq_accuracy"]) == 2 and len(out["fedmq_slow_accuracy"]) == 2
     assert out["fedmq_same_split"] is True
     assert out["fedmq_bytes_up"] > 0 and out["fedmq_bytes_down"] > 0 and out["fedmq_master_bytes_up"] > 0
+    assert out["fedmq_compression"] == out["compression"] != "none" and out["fedmq_dense_compression"] == "none"
+    assert len(out["fedmq_dense_accuracy"]) == 2 and out["fedmq_dense_same_split"] is True
+    assert out["fedmq_bytes_up"] < out["fedmq_dense_bytes_up"] / 10  # top-1 % updates
+    assert out["fedmq_master_traffic"]["up"]["update"] > 0 and out["fedmq_downlink"]["deltas"] > 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flwr") is None, reason="flwr not installed (extra [bench])")

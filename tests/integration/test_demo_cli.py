@@ -57,3 +57,20 @@ def test_report_is_rewritten_after_every_round(tmp_path: Path, mosquitto_bin: st
     assert seen == [[1], [1, 2]]
     assert started and started[0]["watch"] == f"mosquitto_sub -p {started[0]['port']} -t 'fedmq/#' -v"
     assert not list(root.glob("*.tmp"))
+
+
+def test_demo_with_compression_reports_deltas_and_small_updates(tmp_path: Path, mosquitto_bin: str) -> None:
+    """`fedmq demo --compression topk`: updates travel top-k, the model as deltas; the report says so."""
+    proc = subprocess.run([str(FEDMQ), "demo", "--slaves", "2", "--rounds", "3", "--report", "out",
+                           "--compression", "topk"], cwd=tmp_path, capture_output=True, text=True, timeout=200)
+    logs = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "out" / "logs").glob("*.log"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    assert "compression topk" in proc.stdout and "bytes up " in proc.stdout and "master published" in proc.stdout
+    report = json.loads((tmp_path / "out" / REPORT).read_text())
+    assert report["compression"] == "topk" and report["compression_settings"]["uplink"]["topk"] == 0.01
+    rows = report["rounds"]
+    assert all(r["traffic"]["up"]["update"] == r["bytes_up"] for r in rows)  # both count what the slaves sent
+    assert all("delta" in r["traffic"]["down"] for r in rows[1:])  # version 1 on went out as a delta
+    assert report["downlink"]["deltas"] == 3 and report["traffic"]["down"]["delta"] > 0
+    assert all(r["bytes_up"] < 2 * 1500 for r in rows)  # 2 top-1 % updates, not 2 x 39 KB
+    assert "(delta)" in logs

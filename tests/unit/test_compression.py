@@ -81,7 +81,10 @@ def test_defaults_and_presets() -> None:
     assert topk.uplink == Uplink(topk=0.01, quantize="int8", block=256, error_feedback=True)
     assert topk.downlink.delta and topk.downlink.topk is not None
     assert preset("int8").uplink.quantize == "int8" and preset("int8").uplink.error_feedback
-    assert set(PRESETS) == {"none", "int8", "topk"}
+    lean = preset("lean")  # topk with rare keyframes
+    assert lean.uplink == topk.uplink and lean.downlink.keyframe_every == 100
+    assert lean.downlink == Downlink(delta=True, topk=topk.downlink.topk, quantize="int8", block=256, keyframe_every=100)
+    assert set(PRESETS) == {"none", "int8", "topk", "lean"}
     with pytest.raises(ConfigError, match="preset 'zip'"):
         preset("zip")
 
