@@ -215,7 +215,12 @@ class SlaveCore:
 
     def _wire_tensors(self, result: LocalResult) -> dict[str, Any]:
         """The update's tensors as they travel: noised (DP), then compressed (with error
-        feedback) -- a delta or gradient; a student's whole weights go as they are."""
+        feedback) -- a delta or gradient; a student's whole weights go uncompressed, with
+        DP noised as the step w − x from the global student x it was trained from."""
+        if result.kind == "student" and self.settings is not None and self.settings.privacy is not None:
+            held = float_state(self.model)  # (synchronous: still the version it trained from)
+            step = privatize({k: w - held[k] for k, w in result.tensors.items()}, self.settings.privacy)
+            return encode_state_dict({k: held[k] + s for k, s in step.items()})
         if result.kind not in ("delta", "gradient") or self.settings is None:
             return encode_state_dict(result.tensors)
         tensors = result.tensors

@@ -196,3 +196,45 @@ def test_an_update_touching_a_head_its_sender_did_not_confirm_is_rejected(multit
     # versions went on from the others; the parity head moved only by their updates, never to all-ones
     assert master.version >= 1
     assert not any(torch.equal(master.params[k], torch.ones_like(v)) for k, v in before.items())
+
+
+def test_with_privacy_a_student_is_sent_as_the_global_student_plus_a_clipped_noised_step(fleet, tmp_path):
+    """[privacy] bounds what one slave's data can move a student by, as for a delta: the
+    step w − x from the global student x is clipped to C and noised, and x + step is sent."""
+    from fedmq.common.effects import Publish
+    from fedmq.common.modelspec import build_model, float_state
+    from fedmq.common.privacy_settings import DPSettings
+    from fedmq.common.strategies import global_norm
+    from fedmq.master.jobmodel import write_weights
+
+    spec = {"arch": "mlp", "sizes": [64, 32, 10], "seed": 0}
+    write_weights(tmp_path / "teacher.cbor", build_model(spec))
+    students = {"small": {"arch": "mlp", "sizes": [64, 8, 10], "seed": 3}}
+    bus = fleet(2, rounds=1, update="student", model=spec, policy={"min_slaves": 2},
+                distill=DistillConfig(tmp_path / "teacher.cbor", students),
+                privacy=DPSettings(clip_norm=0.01, noise_multiplier=0.01))
+    assert bus.finished
+    start = {f"students.small.{k}": v for k, v in float_state(build_model(students["small"])).items()}
+    update = next(fx for fx in bus.effects["slave-0"] if isinstance(fx, Publish) and fx.kind == M.UPDATE
+                  and fx.body["base_version"] == 0)
+    sent = M.tensors_of(update.body)
+    assert update.body["kind"] == "student" and set(sent) == set(start)
+    step = global_norm({k: sent[k] - start[k] for k in sent})
+    assert 0.005 < step < 0.011  # clipped to C = 0.01 (plus noise of std 1e-4 per entry), not the trained step
+
+
+def test_a_restarted_master_takes_back_the_parts_their_strategies_and_who_trains_what(multitask):
+    import cbor2
+
+    bus, _ = multitask()
+    master = bus.master
+    while master.version < 3:
+        bus.advance(bus.now + 1.0)
+    state = cbor2.loads(cbor2.dumps(master.checkpoint_state()))  # as the daemon writes and reads it
+    again = MasterCore(master.cfg, job_model(master.cfg), make_job_strategy(master.cfg))
+    again.restore(state)
+    assert again.version == master.version
+    assert all(torch.equal(again.params[k], v) for k, v in master.params.items())
+    assert {n: s.parts for n, s in again.slaves.items()} == {n: s.parts for n, s in master.slaves.items()}
+    assert again.slaves["slave-2"].parts.keys() == {"encoder", "heads.digit", "heads.parity"}
+    assert set(again.strategy.state_dict()) == {"encoder", "heads.digit", "heads.parity"}
