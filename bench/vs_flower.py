@@ -159,8 +159,9 @@ def summarize(rows: list[dict[str, Any]], t_launch: float, proxy: CountingProxy,
 
 
 def run_fedmq(work: Path, data: dict[str, Any], clients: int, rounds: int, slow: set[int], slowdown: float,
-              timeout: float, compression: str = "none") -> dict[str, Any]:
-    """One fedmq run; `compression` is the job's `[compression] preset`."""
+              timeout: float, compression: str = "none", server_lr: float = 1.0) -> dict[str, Any]:
+    """One fedmq run; `compression` is the job's `[compression] preset`, `server_lr` its
+    FedAvg server step (1.0: plain FedAvg, as Flower runs it)."""
     root = work
     root.mkdir(parents=True, exist_ok=True)
     broker = start_broker("mosquitto", data_dir=root / "broker", persistence=False)
@@ -179,7 +180,8 @@ def run_fedmq(work: Path, data: dict[str, Any], clients: int, rounds: int, slow:
             overrides[f"slave-{i:02d}"] = {"slave": table}
         fleet = LocalFleet(root / "fleet", {**settings, "port": slave_port}, slaves=clients, rounds=rounds,
                            job={"broker": {"port": master_port}, "master": {"eval": str(data["test"])},
-                                "compression": {"preset": compression}},
+                                "compression": {"preset": compression},
+                                "strategy": {"name": "fedavg", "server_lr": server_lr}},
                            slave_overrides=overrides)
         split_ok = same_split(root / "fleet" / "split.npz", data["split"])
         watcher = Watcher(settings, lambda row: arrivals.append((time.time(), row)))  # direct, not counted
@@ -213,7 +215,8 @@ def run_fedmq(work: Path, data: dict[str, Any], clients: int, rounds: int, slow:
              "updates": r.get("updates")} for t, r in arrivals]
     out = summarize(rows, t_launch, proxy, {"": "slaves", "master_": "master"}, t_done)
     out.update({
-        "system": "fedmq", "compression": compression, "clients": clients, "slow_clients": sorted(slow),
+        "system": "fedmq", "compression": compression, "server_lr": server_lr, "clients": clients,
+        "slow_clients": sorted(slow),
         "slowdown": slowdown,
         "master_exit": master_exit, "same_split": split_ok, "broker": f"mosquitto {broker.host}:{broker.port}",
         "updates_per_round": [r["updates"] for r in sorted(rows, key=lambda r: r["round"])],
@@ -440,7 +443,7 @@ RATIO_KEYS = ["seconds_per_round", "seconds_to_090", "wall_to_090", "bytes_up", 
               "bytes_down_to_090", "bytes_up_per_round_steady", "bytes_down_per_round_steady",
               "server_peak_rss_mb", "client_peak_rss_mb", "cpu_seconds"]
 FEDMQ_KEYS = ["master_bytes_up", "master_bytes_down", "master_bytes_up_per_round_steady",
-              "master_bytes_down_per_round_steady", "broker_peak_rss_mb", "same_split", "compression",
+              "master_bytes_down_per_round_steady", "broker_peak_rss_mb", "same_split", "compression", "server_lr",
               "master_traffic", "downlink"]
 DEFAULT_COMPRESSION = "lean"
 
@@ -474,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--compression", choices=[p for p in PRESETS if p != "none"], default=DEFAULT_COMPRESSION,
                     help=f"the [compression] preset of the compressed fedmq run (default {DEFAULT_COMPRESSION})")
+    ap.add_argument("--compressed-server-lr", type=float, default=2.0,
+                    help="FedAvg server step of the compressed run (default 2.0: sparse updates with error feedback "
+                         "deliver each coordinate late and in lumps; the dense runs and Flower use 1.0)")
     ap.add_argument("--slow-clients", type=int, default=2, help="how many clients are slow in the slow scenario")
     ap.add_argument("--slowdown", type=float, default=5.0)
     ap.add_argument("--slow-rounds", type=int, default=None, help="rounds of the slow scenario (default: --rounds)")
@@ -507,10 +513,13 @@ def main(argv: list[str] | None = None) -> int:
         suffix = "" if scenario == "base" else "_slow"
         timeout = 60 + rounds * args.round_timeout
         if not args.flower_only:
-            for system, preset in (("fedmq_dense", "none"), ("fedmq", args.compression)):
-                print(f"fedmq {scenario}, compression {preset}: {args.clients} slaves, {rounds} rounds ...", flush=True)
+            for system, preset, server_lr in (("fedmq_dense", "none", 1.0),
+                                              ("fedmq", args.compression, args.compressed_server_lr)):
+                print(f"fedmq {scenario}, compression {preset}, server_lr {server_lr}: {args.clients} slaves, "
+                      f"{rounds} rounds ...", flush=True)
                 results[system + suffix] = r = run_fedmq(work / f"{system}-{scenario}", data, args.clients, rounds,
-                                                         slow_set, args.slowdown, timeout, compression=preset)
+                                                         slow_set, args.slowdown, timeout, compression=preset,
+                                                         server_lr=server_lr)
                 print(f"  done: {r['rounds']} rounds, final accuracy {r['final_accuracy']}, "
                       f"{r['seconds_per_round']} s/round, {_kb(r['bytes_up'])} KB up, {_kb(r['bytes_down'])} KB down, "
                       f"wall {r['wall_seconds']} s", flush=True)

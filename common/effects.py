@@ -79,8 +79,13 @@ class SaveState:
 
 @dataclass(frozen=True)
 class Subscribe:
+    """Subscribe to a topic. `retained`: whether this process wants the topic's retained
+    message now (even on a resumed session that already holds the subscription), or
+    none at all (it was just handed the same thing another way)."""
+
     topic: str
     qos: int = 1
+    retained: bool = True
 
 
 @dataclass(frozen=True)

@@ -57,3 +57,11 @@ class Reason:
     STALE = "stale"                        # an update for a round or version that can no longer count
     UNCONFIRMED_PART = "unconfirmed_part"  # an update touching a model part its sender did not confirm
     NON_FINITE_AGGREGATE = "non_finite_aggregate"  # finite updates whose aggregate was not (the version is discarded)
+
+
+MAX_DETAIL = 300  # characters of any text from a remote party that goes into a log line
+
+
+def clip(text: str, limit: int = MAX_DETAIL) -> str:
+    """`text` cut to `limit` characters: a log line must not grow with what a remote party sends."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"

@@ -28,7 +28,7 @@ import cbor2
 from .channel import Inbox, Received, Sealer
 from .effects import Log, Publish, PublishJson
 from .envelope import keep_tag, loads
-from .errors import ProtocolError
+from .errors import ProtocolError, clip
 from .topics import chunk_topic, split_chunk_topic
 from .brokerconfig import BrokerConfig
 from .transport import Inbound, Transport
@@ -178,7 +178,7 @@ class Shell:
         self.log.log(logging.getLevelName(fx.level.upper()), fx.message)
 
     def log_rejection(self, msg: Inbound, exc: ProtocolError) -> None:
-        self.log.warning("rejected message on %s: %s", msg.topic, exc)
+        self.log.warning("rejected message on %s: %s", clip(msg.topic), clip(str(exc)))
 
 
 # ---------------------------------------------------------------- files

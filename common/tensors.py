@@ -170,7 +170,7 @@ def encode_tensor(t: torch.Tensor) -> Any:
 
 
 def encode_sparse(shape: tuple[int, ...] | torch.Size, indices: torch.Tensor, values: Any) -> dict:
-    """A sparse tensor: flat (row-major) int32/int64 `indices` and matching `values`
+    """A sparse tensor: flat (row-major) int16/int32/int64 `indices` and matching `values`
     (a 1-D tensor, or an already encoded item such as a `q8`)."""
     vals = encode_tensor(values) if isinstance(values, torch.Tensor) else values
     return {"coo": {"shape": list(shape), "indices": _dense_item(indices), "values": vals}}
@@ -276,9 +276,9 @@ def _check_sparse(body: Any, budget: _Budget) -> _Checked:
     n = budget.take(shape)
     idx = _dense(body["indices"], budget)
     val = _check(body["values"], budget)
-    if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1 or len(val.shape) != 1 \
+    if idx.dtype not in (torch.int16, torch.int32, torch.int64) or idx.dim() != 1 or len(val.shape) != 1 \
             or idx.numel() != val.shape[0]:
-        raise ProtocolError(Reason.BAD_TENSOR, "coo indices must be 1-D int32/int64 matching 1-D values")
+        raise ProtocolError(Reason.BAD_TENSOR, "coo indices must be 1-D int16/int32/int64 matching 1-D values")
     if idx.numel() > n:
         raise ProtocolError(Reason.BAD_TENSOR, "coo holds more indices than the tensor has elements")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):

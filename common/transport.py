@@ -120,6 +120,7 @@ class Transport:
         # Filters whose first SUBSCRIBE from this process must fetch the retained
         # message even if the resumed session already holds the subscription.
         self._bootstrap: set[str] = set()
+        self._skip_retained: set[str] = set()
         self._session_filters: set[str] = set()  # sent on this MQTT session (it keeps them if resumed)
         self._next_pause: float | None = None  # reconnect delay after `drop`
         self._pending: deque[tuple[mqtt.MQTTMessageInfo, str]] = deque()  # QoS>0 not yet acked
@@ -163,7 +164,7 @@ class Transport:
         with self._lock:
             self._client.will_set(topic, payload, qos=qos, retain=retain)
 
-    def subscribe(self, topic_filter: str, qos: int = 1, *, bootstrap: bool = False) -> None:
+    def subscribe(self, topic_filter: str, qos: int = 1, *, bootstrap: bool = False, skip_retained: bool = False) -> None:
         """Subscribe now if connected, and again after every reconnect.
 
         Either way the SUBSCRIBE goes out before any message published after this
@@ -174,9 +175,13 @@ class Transport:
         # this process's first SUBSCRIBE of the filter even when the resumed session
         # already holds it: a restarted process kept nothing of what it received
         # before (a slave's instruction and model) and needs the retained state again.
+        # `skip_retained`: the first SUBSCRIBE asks for no retained message at all (the
+        # process has just been handed the same thing another way).
         with self._lock:
             if bootstrap and topic_filter not in self._subscriptions:
                 self._bootstrap.add(topic_filter)
+            if skip_retained and topic_filter not in self._subscriptions:
+                self._skip_retained.add(topic_filter)
             self._subscriptions[topic_filter] = qos
             # Decided under the lock: `_handle_connect` either saw this filter in its
             # snapshot (and sends it) or had already gone online (and we send it).
@@ -343,12 +348,15 @@ class Transport:
     def _send_subscribe(self, topic_filter: str, qos: int) -> None:
         with self._lock:
             bootstrap = topic_filter in self._bootstrap
+            skip = topic_filter in self._skip_retained
             self._bootstrap.discard(topic_filter)
+            self._skip_retained.discard(topic_filter)
             self._session_filters.add(topic_filter)
         if self._client.protocol == mqtt.MQTTv5:
             # Retained messages only for a subscription the session did not already
             # have: a resumed session got them the first time (unless `bootstrap`).
-            handling = SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE if bootstrap else SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
+            handling = (SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE if bootstrap else
+                        SubscribeOptions.RETAIN_DO_NOT_SEND if skip else SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
             options = SubscribeOptions(qos=qos, retainHandling=handling)
             self._client.subscribe(topic_filter, options=options)
         else:

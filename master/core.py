@@ -170,6 +170,7 @@ class MasterCore:
         if self.phase.finished:
             return []
         fx: list[Effect] = self.rounds.announce_if_due(now, self.version, self.run)
+        fx += self.enrollment.due(now, self.run)
         for name in self.registry.offline_due(now, self.cfg.policy.offline_grace):
             fx += self._act(self.enrollment.presence(name, False, now, self.run, grace=False), now)
         if self.round is None:

@@ -20,6 +20,7 @@ from .downlink import ModelPublisher
 from .registry import SlaveRegistry
 
 RECONFIRM_SECONDS = 30.0  # a slave is asked to confirm again at most once per this
+RECONFIRM_DELAY = 5.0  # ...and only if it has not confirmed this long after it came online
 NO_BODY = b"\xa0"  # an empty CBOR map: the journal body of a record that carries none
 
 
@@ -33,6 +34,7 @@ class Outcome:
 class Enrollment:
     def __init__(self, registry: SlaveRegistry, topics: Topics, publisher: ModelPublisher, policy: RoundPolicy) -> None:
         self.registry, self.topics, self.publisher, self.policy = registry, topics, publisher, policy
+        self._ask_at: dict[str, float] = {}  # slave -> when to ask it to confirm again, unless enrolled by then
 
     def confirm(self, msg: Received, now: float, run: str) -> Outcome:
         """A confirm or decline. An enrollment is journaled (durable) before the slave is
@@ -57,9 +59,20 @@ class Enrollment:
         if online and self.registry.enrolled(name) and self.publisher.settings.delta:
             # back online: it may have missed deltas, and cannot follow the next one without its base
             fx.append(self.direct_model(name, run))
-        if online:
-            fx += self.ask_to_confirm(name, now, run)
+        if online and not self.registry.enrolled(name):
+            # Not at once: a new slave sends its presence just before its confirm, and would
+            # be asked for a second one (and sent its model twice).
+            self._ask_at.setdefault(name, now + RECONFIRM_DELAY)
         return Outcome(fx, [(name, online)], status=changed)
+
+    def due(self, now: float, run: str) -> list[Effect]:
+        """Ask the slaves that came online unenrolled and have not confirmed since."""
+        names = [n for n, at in self._ask_at.items() if at <= now]
+        fx: list[Effect] = []
+        for name in names:
+            del self._ask_at[name]
+            fx += self.ask_to_confirm(name, now, run)
+        return fx
 
     def ask_to_confirm(self, name: str, now: float, run: str, *, force: bool = False) -> list[Effect]:
         """A slave whose key is allowed but that is not enrolled (the master lost its

@@ -25,7 +25,7 @@ from typing import Mapping
 
 from fedmq.common import messages as M
 from fedmq.common.channel import Received
-from fedmq.common.errors import ProtocolError, Reason
+from fedmq.common.errors import ProtocolError, Reason, clip
 from fedmq.common.modelspec import float_state
 from fedmq.common.strategies import ClientUpdate
 from fedmq.common.tensors import Limits, as_float32_state, spec_of
@@ -33,7 +33,6 @@ from fedmq.common.update_safety import bound_client_update, capped_weight
 
 from .ledger import UpdateLedger
 from .modelstore import ModelStore
-from .rejections import clip
 from .schedule import RoundState, Schedule
 
 

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping
 from fedmq.common import messages as M
 from fedmq.common.channel import Received
 from fedmq.common.effects import Effect, Log, Trust
-from fedmq.common.errors import Reason
+from fedmq.common.errors import Reason, clip
 
-from .rejections import Rejections, clip
+from .rejections import Rejections
 
 if TYPE_CHECKING:
     from fedmq.common.layout import Layout

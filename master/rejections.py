@@ -9,14 +9,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from fedmq.common.effects import Effect, Log
-
-
-MAX_DETAIL = 300  # characters of a rejection's detail logged: it may quote what a remote party sent
-
-
-def clip(text: str, limit: int = MAX_DETAIL) -> str:
-    """`text` cut to `limit` characters: a log line must not grow with what a remote party sends."""
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+from fedmq.common.errors import clip
 
 
 class Rejections:

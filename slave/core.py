@@ -140,7 +140,7 @@ class SlaveCore:
             # may have changed meanwhile: decide again.
             fx += self._answer(now)
         if self.enrolled:
-            fx += self._follow()
+            fx += self._follow(fetch_model=True)
         if self.pending is not None:
             p = self.pending
             fx.append(Log("info", f"re-sending update {p['body']['update_id']} after restart"))
@@ -335,7 +335,7 @@ class SlaveCore:
         fx: list[Effect] = []
         if first:
             self.enrolled, self._confirmed_at, self._retry = True, None, CONFIRM_RETRY[0]
-            fx += self._follow()
+            fx += self._follow(fetch_model=False)  # it came with this message: not the retained copy too
         fx += [SaveState(self.state()), Log("info", f"model version {version}")]
         return fx + self._maybe_train(now)
 
@@ -370,8 +370,11 @@ class SlaveCore:
         return [Publish(self.topics.slave("update", self.cfg.slave_id), M.UPDATE, p["body"],
                         version=rnd.version, round=rnd.number)]
 
-    def _follow(self) -> list[Effect]:
-        return [*(Subscribe(t) for t in self.plan.model_topics(self.topics)), Subscribe(self.topics.master("round")),
+    def _follow(self, *, fetch_model: bool) -> list[Effect]:
+        """Follow the job once enrolled: models (or the parts of one it holds), rounds, deltas.
+        A slave that was just sent its model does not fetch the retained one too (the same bytes again)."""
+        return [*(Subscribe(t, retained=fetch_model) for t in self.plan.model_topics(self.topics)),
+                Subscribe(self.topics.master("round")),
                 Subscribe(self.topics.master("delta"))]
 
     def _maybe_train(self, now: float) -> list[Effect]:

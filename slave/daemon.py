@@ -150,11 +150,11 @@ class SlaveDaemon:
         # Retained, possibly chunked. `bootstrap`: a restarted slave resumes its session,
         # which already has these subscriptions, so the broker would not resend the
         # retained instruction, model and round -- which this process, unlike the
-        # session, has never seen.
-        retained = self.cfg.topics.retained_chunked(fx.topic)  # instruction, round, model (or model/PART)
-        self.shell.transport.subscribe(fx.topic, fx.qos, bootstrap=retained)
-        if retained:
-            self.shell.transport.subscribe(fx.topic + "/chunk/+", fx.qos, bootstrap=True)
+        # session, has never seen (PROTOCOL.md section 2: Retain Handling 0).
+        chunked = self.cfg.topics.retained_chunked(fx.topic)  # instruction, round, model (or model/PART)
+        for topic in (fx.topic, fx.topic + "/chunk/+") if chunked else (fx.topic,):
+            self.shell.transport.subscribe(topic, fx.qos, bootstrap=chunked and fx.retained,
+                                           skip_retained=not fx.retained)
 
     def _interpreter(self) -> Interpreter:
         return Interpreter({

@@ -38,6 +38,8 @@ CASES = {
               ["mosquitto", "master run", "_scale_host.py"]),
     "ingest": ("ingest.py", ["--only", "10k:dense", "--no-in-process", "--no-floor", "--no-extra", "--timeout", "600"],
                ["mosquitto", "master run", "_ingest_pub.py"]),
+    "fuzz": ("fuzz.py", ["--messages", "1000000"], ["mosquitto", "master run", "slave run"]),
+    "fuzz_sigint": ("fuzz.py", ["--messages", "1000000"], ["mosquitto", "master run", "slave run"]),
     "vs_flower_flower": ("vs_flower.py", ["--flower-only", "--rounds", "500", "--clients", "2", "--no-slow"],
                          ["flower-superlink", "flower-supernode", "flwr-clientapp"]),
 }

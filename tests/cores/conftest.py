@@ -99,7 +99,7 @@ class Bus:
 
     def _subscribe(self, node: Node, fx: Subscribe) -> None:
         node.subs.append(fx.topic)
-        for topic, payloads in list(self.retained.items()):
+        for topic, payloads in list(self.retained.items()) if fx.retained else []:
             if topic_matches(fx.topic, topic):
                 self.queue.append((topic, payloads, node.name))
 

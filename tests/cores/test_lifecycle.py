@@ -106,6 +106,9 @@ def test_a_slave_the_master_does_not_know_is_asked_to_confirm_again(fleet):
     new = _restart_master(bus, keep_journal=False)  # the enrollments were only in the journal: lost
     assert not any(s.enrolled for s in new.slaves.values())
     bus.presence("slave-0", True)  # the slave is online, believes it is enrolled
+    assert not [fx for fx in bus.effects["master"] if isinstance(fx, Publish) and fx.kind == M.RECONFIRM], \
+        "not at once: a new slave's confirm follows its presence"
+    bus.tick(6.0)
     asked = [fx for fx in bus.effects["master"] if isinstance(fx, Publish) and fx.kind == M.RECONFIRM]
     assert [fx.topic for fx in asked] == ["fedmq/digits/to/slave-0"]
     assert new.slaves["slave-0"].enrolled, "the slave confirmed again and was enrolled"
@@ -175,3 +178,16 @@ def test_a_round_that_arrives_during_training_is_trained_next(fleet):
     assert slave.version == 1 and slave.training, "training for round 2 on version 1"
     bus.advance(bus.now + 10.0)
     assert bus.finished and bus.nodes["master"].core.version == 3
+
+
+def test_a_new_slave_gets_its_model_once(fleet):
+    """Presence then confirm, as a new slave sends them: one enrollment, one model on its
+    topic, and the retained copy is not fetched again."""
+    bus = fleet(1, rounds=1, evaluate=False, silent=("slave-0",), policy={"min_slaves": 1})
+    bus.restart_slave("slave-0", keep_state=False)
+    bus.presence("slave-0", True)
+    bus.tick(6.0)
+    direct = [fx for fx in bus.effects["master"] if isinstance(fx, Publish) and fx.topic.endswith("/to/slave-0")]
+    assert [fx.kind for fx in direct] == [M.MODEL, M.MODEL], "once at the first start, once after the restart"
+    models = [fx for fx in bus.effects["slave-0"] if type(fx).__name__ == "Log" and fx.message.startswith("model version")]
+    assert len(models) == 2

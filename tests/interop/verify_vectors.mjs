@@ -357,8 +357,8 @@ function checkTensor(item, budget, name, finite) {
       const n = shape.reduce((a, d) => a * d, 1);
       budget.elements += n;
       const idx = checkDense(body.get("indices"), budget);
-      if (idx.kind !== "i" || (idx.size !== 4 && idx.size !== 8) || idx.shape.length !== 1) {
-        fail("bad_tensor", "coo indices must be a 1-D int32/int64 array");
+      if (idx.kind !== "i" || ![2, 4, 8].includes(idx.size) || idx.shape.length !== 1) {
+        fail("bad_tensor", "coo indices must be a 1-D int16/int32/int64 array");
       }
       if (idx.n > n) fail("bad_tensor", "coo holds more indices than the tensor has elements");
       const values = checkTensor(body.get("values"), budget, `${name}.values`, finite);
