@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,16 +16,11 @@ import pytest
 from fedmq.common.shell import read_cbor_file
 from fedmq.demo import LocalFleet, Watcher
 
+from support import wait_for
+
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture
