@@ -55,6 +55,7 @@ class Reason:
     BAD_BODY = "bad_body"                  # body does not match the message kind's schema
     FOREIGN_UPDATE = "foreign_update"      # update_id not SENDER/ROUND/VERSION of its signed sender, round, version
     STALE = "stale"                        # an update for a round or version that can no longer count
+    UNCONFIRMED_PART = "unconfirmed_part"  # an update touching a model part its sender did not confirm
     NON_FINITE_AGGREGATE = "non_finite_aggregate"  # finite updates whose aggregate was not (the version is discarded)
 
 

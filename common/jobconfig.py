@@ -21,6 +21,7 @@ from typing import Any, Mapping
 from .compression_settings import CompressionSettings, parse_compression
 from .errors import ConfigError
 from .messages import UPDATE_KINDS
+from .partsconfig import DistillConfig, MultitaskConfig, check_name, parse_distill, parse_multitask
 from .privacy_settings import DPSettings
 from .shardconfig import ShardSettings, parse_shard
 from .topics import DEFAULT_PREFIX, Topics, check_id
@@ -78,6 +79,9 @@ class JobConfig:
     master_name: str = "master"  # the sender name the master signs as; never the key file's name
     compression: CompressionSettings = CompressionSettings()  # [compression]: sent in the instruction
     privacy: DPSettings | None = None  # [privacy]: the slaves clip and noise their updates
+    # Model parts (common/partsconfig.py): students of a fixed teacher, or task heads on a shared encoder
+    distill: DistillConfig | None = None
+    multitask: MultitaskConfig | None = None
     shard: ShardSettings | None = None  # [shard]: aggregator workers share the updates (None: not sharded)
 
     @property
@@ -103,6 +107,7 @@ class SlaveConfig:
     disconnect_rate: float = 0.0
     seed: int = 0
     master_name: str = "master"  # the name the pinned master key signs as
+    student: str = ""  # distillation jobs: the student this device trains ("": the job's first)
 
     @property
     def topics(self) -> Topics:
@@ -293,6 +298,11 @@ def parse_job(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] | 
     compression = parse_compression(root.raw("compression"))
     privacy_table = root.raw("privacy")
     privacy = DPSettings.from_table(privacy_table) if privacy_table else None
+    distill = parse_distill(root.sub("distill"), base, update)
+    multitask = parse_multitask(root.sub("multitask"), update)
+    if (distill or multitask) and compression.downlink.delta:
+        raise ConfigError("compression.downlink.delta: not supported with [distill] or [multitask] "
+                          "(a model with parts is published part by part)")
     policy = _dataclass_from(RoundPolicy, root.sub("rounds"))
     enroll = root.sub("enrollment")
     mode = enroll.get("mode", str, "allowlist", check=lambda v: v in ("allowlist", "open"))
@@ -315,7 +325,7 @@ def parse_job(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] | 
         policy=policy, enrollment=mode, slave_keys=_path(base, keys), master_key=_path(base, master_key),
         state_dir=_path(base, state_dir), broker=broker, prefix=prefix, chunk_size=chunk_size,
         min_samples=min_samples, target_accuracy=target, master_name=master_name, compression=compression,
-        privacy=privacy, shard=shard,
+        privacy=privacy, distill=distill, multitask=multitask, shard=shard,
         # like a slave's data: a file is relative to the job file, not to the working directory
         eval_data=eval_data if eval_data is None or ":" in eval_data else str(_path(base, eval_data)),
     )
@@ -345,7 +355,10 @@ def parse_slave(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] 
     slowdown = s.get("slowdown", float, 1.0, check=lambda v: v >= 1.0)
     disconnect_rate = s.get("disconnect_rate", float, 0.0, check=lambda v: 0.0 <= v <= 1.0)
     seed = s.get("seed", int, 0)
+    student = s.get("student", str, "")
     s.done()
+    if student:
+        check_name(student, "slave.student")
     if not all(k in UPDATE_KINDS for k in kinds):
         raise ConfigError(f"slave.update_kinds: {list(kinds)} (allowed: {', '.join(UPDATE_KINDS)})")
     broker = broker_settings(root.sub("broker"), base)
@@ -354,7 +367,7 @@ def parse_slave(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] 
     cfg = SlaveConfig(
         slave_id=slave_id, job=job, key=_path(base, key), master_key=_path(base, master_key), data=data_path,
         state_dir=_path(base, state_dir), broker=broker, tasks=tasks, prefix=prefix, update_kinds=kinds,
-        slowdown=slowdown, disconnect_rate=disconnect_rate, seed=seed, master_name=master_name,
+        slowdown=slowdown, disconnect_rate=disconnect_rate, seed=seed, master_name=master_name, student=student,
     )
     cfg.topics
     return cfg

@@ -27,7 +27,7 @@ ROUND = "round"
 UPDATE = "update"
 PRESENCE = "presence"
 RECONFIRM = "reconfirm"
-TALLY = "tally"  # aggregator worker -> root: which updates it holds (sharded jobs, PROTOCOL.md 11.8)
+TALLY = "tally"  # aggregator worker -> root: which updates it holds (sharded jobs, PROTOCOL.md 11.10)
 PARTIAL = "partial"  # aggregator worker -> root: the sum of the updates it was asked for
 COLLECT = "collect"  # root -> workers: which updates each must sum
 

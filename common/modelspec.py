@@ -109,19 +109,22 @@ def _positive_ints(name: str, values: Any, min_len: int) -> list[int]:
 
 
 @register_arch("mlp")
-def mlp(sizes: Sequence[int], dropout: float = 0.0) -> list[dict[str, Any]]:
+def mlp(sizes: Sequence[int], dropout: float = 0.0, relu_last: bool = False) -> list[dict[str, Any]]:
     """Linear/ReLU stack: ``sizes=[64, 128, 10]`` is Linear(64,128), ReLU, Linear(128,10).
 
-    With ``dropout > 0`` a Dropout follows every ReLU. No activation after the last layer:
-    the trainer applies cross-entropy to the logits.
+    With ``dropout > 0`` a Dropout follows every ReLU. No activation after the last layer
+    (the trainer applies cross-entropy to the logits) unless ``relu_last``: a shared
+    encoder (``[multitask]``) ends with one, so its heads get features, not logits.
     """
     sizes = _positive_ints("sizes", sizes, min_len=2)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout: must be in [0, 1), got {dropout!r}")
+    if not isinstance(relu_last, bool):
+        raise ValueError(f"relu_last: expected true or false, got {relu_last!r}")
     layers: list[dict[str, Any]] = []
     for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
         layers.append({"type": "Linear", "in_features": n_in, "out_features": n_out})
-        if i < len(sizes) - 2:
+        if i < len(sizes) - 2 or relu_last:
             layers.append({"type": "ReLU"})
             if dropout > 0:
                 layers.append({"type": "Dropout", "p": dropout})
@@ -276,7 +279,11 @@ def validate_state_dict(model: nn.Module, tensors: Mapping[str, Any]) -> None:
     finite (`Reason.NON_FINITE`), so a bad update is rejected before it can touch the
     model or poison an aggregate.
     """
-    expected = float_state(model)
+    validate_tensors(float_state(model), tensors)
+
+
+def validate_tensors(expected: Mapping[str, Tensor], tensors: Mapping[str, Any]) -> None:
+    """`validate_state_dict` against reference tensors (e.g. some parts of a model)."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -293,6 +300,20 @@ def validate_state_dict(model: nn.Module, tensors: Mapping[str, Any]) -> None:
                                 f"{ref.dtype} {tuple(ref.shape)}")
         if not all_finite(value):
             raise ProtocolError(Reason.NON_FINITE, f"{name}: contains NaN or Inf")
+
+
+def probe_input(model: nn.Module, batch: int = 2) -> Tensor | None:
+    """A zero batch of the input the model's first layer takes, to check how specs fit
+    together (a student against its teacher, a head against its encoder); None if the
+    first layer does not say (a convolution takes any image size)."""
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear):
+            return torch.zeros(batch, layer.in_features)
+        if isinstance(layer, nn.Unflatten) and layer.dim == 1:
+            return torch.zeros(batch, int(torch.Size(layer.unflattened_size).numel()))
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Embedding, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
+            return None
+    return None
 
 
 def load_float_state(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:

@@ -3,7 +3,7 @@
 With `[shard] workers = ["w1", "w2"]` the job's updates are not read by the master but
 by N worker processes (`fedmq worker -c job.toml --id W`), which share them through
 an MQTT shared subscription; each verifies, journals and sums its share, and the
-master (the *root*) combines their partial sums (docs/PROTOCOL.md section 11.8).
+master (the *root*) combines their partial sums (docs/PROTOCOL.md section 11.10).
 What may be sharded is checked where the strategy is built (master/sharded.py:
 `check_shardable`), so that reading a config never loads torch.
 """

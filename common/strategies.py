@@ -20,7 +20,7 @@ and option checking defined here.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,6 +47,10 @@ class ClientUpdate:
     weights by instead (the claim capped by what the slave declared at enrollment or
     by a job limit: see update_safety.capped_weight), so a slave cannot buy influence
     by claiming more samples than it has.
+
+    `parts`, in a job whose model has parts (common/layout.py), names the parts the
+    update trains and the samples each counts for (capped like `weight`); `tensors` then
+    hold exactly those parts. None: the whole model.
     """
 
     sender: str
@@ -55,6 +59,7 @@ class ClientUpdate:
     num_samples: int
     base_version: int
     weight: float | None = None
+    parts: Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in UPDATE_KINDS:
@@ -67,6 +72,9 @@ class ClientUpdate:
         if self.weight is not None and not (isinstance(self.weight, (int, float))
                                             and 0 < self.weight < math.inf):
             raise ValueError(f"weight must be a positive finite number, got {self.weight!r}")
+        if self.parts is not None and not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                              for n in self.parts.values()):
+            raise ValueError(f"parts must map part names to positive sample counts, got {self.parts!r}")
 
     @property
     def aggregation_weight(self) -> float:
@@ -429,3 +437,45 @@ def make_strategy(cfg: Mapping[str, Any], *, gradient_lr: float | None = None,
     return FedOpt(optimizer=optimizer, rule=rule_from_options(opt, path),
                   clip_norm=opt["clip_norm"], gradient_lr=gradient_lr,
                   max_update_norm=opt["max_update_norm"], max_weight=opt["max_weight"])
+
+
+class PartStrategies:
+    """One synchronous strategy per model part (common/layout.py), the same rule for each.
+
+    Each part is aggregated from the updates that train it, weighted by the samples
+    they trained it on (`ClientUpdate.parts`): a shared encoder from every contributor,
+    a task head or a student only from the slaves of that task or student. A part no
+    update touched keeps its parameters bit for bit, and its server-optimizer state
+    does not move. Each part has its own strategy, so momentum or Adam moments never
+    mix tensors of different parts.
+    """
+
+    asynchronous = False
+
+    def __init__(self, parts: Sequence[str], part_of: Callable[[str], str | None],
+                 make: Callable[[], FedOpt]) -> None:
+        self.part_of = part_of
+        self.strategies = {p: make() for p in parts}
+        first = self.strategies[parts[0]]
+        self.max_update_norm, self.max_weight = first.max_update_norm, first.max_weight
+        self.min_updates = first.min_updates
+
+    def aggregate(self, params: Params, updates: Sequence[ClientUpdate], version: int) -> Params:
+        names: dict[str | None, list[str]] = {}
+        for k in params:
+            names.setdefault(self.part_of(k), []).append(k)
+        out = dict(params)
+        for part, strategy in self.strategies.items():
+            own = names.get(part, [])
+            mine = [ClientUpdate(u.sender, u.kind, {k: u.tensors[k] for k in own}, u.parts[part], u.base_version)
+                    for u in updates if u.parts and part in u.parts]
+            if mine:
+                out.update(strategy.aggregate({k: params[k] for k in own}, mine, version))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {part: s.state_dict() for part, s in self.strategies.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for part, s in self.strategies.items():
+            s.load_state_dict(state.get(part, {}))

@@ -2,6 +2,7 @@
 
     PREFIX/JOB/instruction      master, retained: what to train (signed)
     PREFIX/JOB/model            master, retained: latest full model (signed)
+    PREFIX/JOB/model/PART       master, retained: one part of a model that has parts (signed; common/layout.py)
     PREFIX/JOB/delta            master: model delta from one version to the next (signed)
     PREFIX/JOB/round            master, retained: current round announcement (signed)
     PREFIX/JOB/to/SLAVE         master -> one slave: its parameters after enrollment, re-confirm requests (signed)
@@ -58,7 +59,9 @@ class TopicRole:
     one of its kind that writes it (slave topics) or reads it (the master's direct
     topic); parties of other kinds use NAME/+. ``chunked``: a
     message too large for one publish goes to NAME/chunk/I (`chunk_topic`), so rights
-    on NAME cover NAME/#. The master reads its own retained topics back: it resubscribes
+    on NAME cover NAME/#. ``keyed``: NAME/KEY topics carry one message each besides
+    NAME itself (the parts of a model: model/PART, `Topics.model_part`), covered by the
+    same NAME/# rights. The master reads its own retained topics back: it resubscribes
     to them to re-assert them when something else overwrote them.
     """
 
@@ -68,13 +71,14 @@ class TopicRole:
     per_slave: bool = False
     retained: bool = False
     chunked: bool = False
+    keyed: bool = False
     owner: str = SLAVE
     sharded: bool = False  # used only by jobs with aggregator workers ([shard])
 
 
 TOPIC_ROLES: tuple[TopicRole, ...] = (
     TopicRole("instruction", MASTER, frozenset({MASTER, SLAVE}), retained=True, chunked=True),
-    TopicRole("model", MASTER, frozenset({MASTER, SLAVE, WORKER}), retained=True, chunked=True),
+    TopicRole("model", MASTER, frozenset({MASTER, SLAVE, WORKER}), retained=True, chunked=True, keyed=True),
     TopicRole("delta", MASTER, frozenset({SLAVE})),
     TopicRole("round", MASTER, frozenset({MASTER, SLAVE, WORKER}), retained=True, chunked=True),
     TopicRole("status", MASTER, frozenset({MASTER, SLAVE}), retained=True),
@@ -91,6 +95,8 @@ TOPIC_ROLES: tuple[TopicRole, ...] = (
 MASTER_TOPICS = tuple(r.name for r in TOPIC_ROLES if r.writer == MASTER and not r.per_slave)
 SLAVE_TOPICS = tuple(r.name for r in TOPIC_ROLES if r.writer == SLAVE)
 WORKER_TOPICS = tuple(r.name for r in TOPIC_ROLES if r.writer == WORKER)
+KEYED_TOPICS = tuple(r.name for r in TOPIC_ROLES if r.keyed)
+RETAINED_CHUNKED = tuple(r.name for r in TOPIC_ROLES if r.retained and r.chunked)
 
 
 def master_client_id(job: str) -> str:
@@ -186,17 +192,30 @@ class Topics:
     def direct(self, slave_id: str) -> str:
         return f"{self.base}/{DIRECT}/{check_id(slave_id, 'slave id')}"
 
+    def model_part(self, part: str) -> str:
+        """The retained topic of one part of a model that has parts (e.g. model/heads.digit)."""
+        if part == CHUNK:
+            raise ConfigError("a model part cannot be named 'chunk'")
+        return f"{self.master('model')}/{check_id(part, 'model part')}"
+
+    def retained_chunked(self, topic: str) -> bool:
+        """Whether `topic` is one of this job's retained topics that may come in chunks
+        (a subscriber also takes TOPIC/chunk/+ and, as a new process, the retained copy)."""
+        parsed = self.parse(topic)
+        return parsed is not None and parsed[0] in RETAINED_CHUNKED
+
     @property
     def everything(self) -> str:
         return f"{self.base}/#"
 
     def parse(self, topic: str) -> tuple[str, str | None] | None:
-        """(name, slave or worker id, or None) for one of this job's topics, else None."""
+        """(name, slave or worker id, or part, or None) for one of this job's topics, else None."""
         if not topic.startswith(self.base + "/"):
             return None
         rest = topic[len(self.base) + 1 :].split("/")
         if len(rest) == 1 and rest[0] in MASTER_TOPICS:
             return rest[0], None
-        if len(rest) == 2 and (rest[0] in SLAVE_TOPICS + WORKER_TOPICS or rest[0] == DIRECT) and _ID.match(rest[1]):
+        if len(rest) == 2 and (rest[0] in SLAVE_TOPICS + WORKER_TOPICS or rest[0] in KEYED_TOPICS
+                               or rest[0] == DIRECT) and _ID.match(rest[1]) and rest[1] != CHUNK:
             return rest[0], rest[1]
         return None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 
 from torch import Tensor
 
@@ -64,15 +65,15 @@ def bound_client_update(update: ClientUpdate, params: Params,
     the bound (non-finite norms are still refused).
     """
     bound = DEFAULT_MAX_UPDATE_NORM[update.kind] if max_norm is None else max_norm
-    step = {k: update.tensors[k] - params[k] for k in params} if update.kind == "student" \
+    # (an update of some model parts holds only their tensors: iterate over its own)
+    step = {k: update.tensors[k] - params[k] for k in update.tensors} if update.kind == "student" \
         else dict(update.tensors)
     bounded, clipped, norm = bound_update(step, bound)
     if not clipped:
         return update, False, norm
     if update.kind == "student":
-        bounded = {k: params[k] + bounded[k] for k in params}
-    return ClientUpdate(update.sender, update.kind, bounded, update.num_samples,
-                        update.base_version, update.weight), True, norm
+        bounded = {k: params[k] + bounded[k] for k in bounded}
+    return replace(update, tensors=bounded), True, norm
 
 
 def capped_weight(claimed: int, declared: int | None, job_limit: int | None = None) -> int:

@@ -3,10 +3,12 @@
 A slave names its data with one string (plus options), so an operator configures it in
 one line of TOML:
 
-* ``path.npz`` — arrays ``x`` (features) and ``y`` (integer labels); always loaded with
+* ``path.npz`` — arrays ``x`` (features) and ``y`` (integer labels), and optionally
+  ``task`` (one task name per row, for ``[multitask]`` jobs); always loaded with
   ``allow_pickle=False``, so a data file can never execute code;
 * ``path.csv`` — numeric rows, label in the last column unless ``label_column`` (index or
-  header name) says otherwise; a header row is detected and optional;
+  header name) says otherwise; a header row is detected and optional; a column headed
+  ``task`` holds each row's task name (text);
 * ``module:function`` — an entry point returning a map-style torch ``Dataset``, called
   with the options as keyword arguments (for data the two formats above cannot express);
 * ``reference:I`` / ``reference:I/N`` — shard I (0-based) of the reference split over N
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from fedmq.common.errors import ConfigError
 
@@ -52,6 +54,42 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 def _as_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
     return TensorDataset(torch.from_numpy(np.ascontiguousarray(x)),
                          torch.from_numpy(np.ascontiguousarray(y)))
+
+
+class TaskDataset(TensorDataset):
+    """(x, y) rows that each belong to a task (a shared encoder's jobs: docs/PROTOCOL.md
+    section 11.9); `tasks[i]` names row i's task, and `y[i]` is a class of that task."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, tasks: np.ndarray) -> None:
+        super().__init__(x, y)
+        self.tasks = tasks
+
+
+def task_dataset(x: np.ndarray, y: np.ndarray, tasks: Sequence[Any] | np.ndarray) -> TaskDataset:
+    """Rows tagged with task names (numbers are taken as their text)."""
+    names = np.asarray([str(t) for t in np.asarray(tasks).tolist()], dtype=str)
+    if names.ndim != 1 or len(names) != len(y):
+        raise ConfigError(f"task: expected one task name per row ({len(y)} rows), got shape {names.shape}")
+    base = _as_dataset(x, y)
+    return TaskDataset(*base.tensors, names)
+
+
+def task_counts(dataset: Dataset) -> dict[str, int]:
+    """Samples per task, sorted by name; empty for data without a task column."""
+    tasks = getattr(dataset, "tasks", None)
+    if tasks is None:
+        return {}
+    names, counts = np.unique(tasks, return_counts=True)
+    return {str(n): int(c) for n, c in zip(names, counts)}
+
+
+def task_subset(dataset: Dataset, task: str) -> Subset:
+    """The (x, y) rows of one task (its queue: samples are queued per task), read
+    through `dataset` (any wrapper that keeps its `tasks`)."""
+    tasks = getattr(dataset, "tasks", None)
+    if tasks is None:
+        raise ValueError("the data has no task column")
+    return Subset(dataset, np.flatnonzero(tasks == task).tolist())
 
 
 @dataclass(frozen=True)
@@ -151,8 +189,9 @@ def reference_split(num_slaves: int = DEFAULT_SLAVES, alpha: float = 0.5, seed: 
     return ReferenceSplit.from_rows(train_rows, test_rows, shards)
 
 
-def _load_npz_arrays(path: str | Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """Named arrays from an ``.npz``, never unpickling (object arrays are refused)."""
+def _load_npz_arrays(path: str | Path, keys: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Named arrays (`keys`, and `optional` ones if present) from an ``.npz``, never
+    unpickling (object arrays are refused)."""
     if not Path(path).is_file():
         raise ConfigError(f"data source {str(path)!r}: file not found")
     try:
@@ -161,7 +200,7 @@ def _load_npz_arrays(path: str | Path, keys: Sequence[str]) -> dict[str, np.ndar
             if missing:
                 raise ConfigError(f"data source {str(path)!r}: missing arrays {missing} "
                                   f"(found {npz.files})")
-            return {k: npz[k] for k in keys}
+            return {k: npz[k] for k in (*keys, *optional) if k in npz.files}
     except (OSError, ValueError, EOFError) as exc:  # not a zip, object arrays, truncated
         raise ConfigError(f"data source {str(path)!r}: not a readable .npz file: {exc}") from exc
 
@@ -183,12 +222,18 @@ def _features(source: str, x: np.ndarray) -> np.ndarray:
 
 
 def _npz_source(source: str) -> TensorDataset:
-    arrays = _load_npz_arrays(source, ("x", "y"))
-    x, y = arrays["x"], arrays["y"]
+    arrays = _load_npz_arrays(source, ("x", "y"), optional=("task",))
+    x, y, tasks = arrays["x"], arrays["y"], arrays.get("task")
     if y.ndim != 1 or len(x) != len(y):
         raise ConfigError(f"data source {source!r}: y must be 1-D with one label per row "
                           f"of x (x {x.shape}, y {y.shape})")
-    return _as_dataset(_features(source, x), _labels(source, y))
+    if tasks is None:
+        return _as_dataset(_features(source, x), _labels(source, y))
+    if tasks.dtype.kind not in "UiuS" or tasks.ndim != 1:
+        raise ConfigError(f"data source {source!r}: task must be a 1-D array of task names or numbers")
+    if tasks.dtype.kind == "S":
+        tasks = tasks.astype(str)
+    return task_dataset(_features(source, x), _labels(source, y), tasks)
 
 
 def _csv_source(source: str, label_column: int | str = -1, delimiter: str = ",") -> TensorDataset:
@@ -205,6 +250,15 @@ def _csv_source(source: str, label_column: int | str = -1, delimiter: str = ",")
             rows = rows[1:]
     if not rows:
         raise ConfigError(f"data source {source!r}: no data rows")
+    tasks = None
+    if header is not None and "task" in header:  # the one text column: each row's task
+        col = header.index("task")
+        if any(len(r) != len(header) for _, r in rows):
+            bad = next(n for n, r in rows if len(r) != len(header))
+            raise ConfigError(f"data source {source!r}, line {bad}: {len(header)} fields expected")
+        tasks = [r[col].strip() for _, r in rows]
+        rows = [(n, r[:col] + r[col + 1:]) for n, r in rows]
+        header = header[:col] + header[col + 1:]
     width = len(rows[0][1])
     values = np.empty((len(rows), width), dtype=np.float64)
     for i, (line, row) in enumerate(rows):
@@ -225,6 +279,8 @@ def _csv_source(source: str, label_column: int | str = -1, delimiter: str = ",")
                           f"{source!r}, which has {width} columns")
     y = values[:, label_column]
     x = np.delete(values, label_column % width, axis=1)
+    if tasks is not None:
+        return task_dataset(x.astype(np.float32), _labels(source, y), tasks)
     return _as_dataset(x.astype(np.float32), _labels(source, y))
 
 
@@ -309,14 +365,18 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> dict[
     return {"accuracy": correct / n, "loss": loss_sum / n, "samples": n}
 
 
-def data_misfit(model: nn.Module, dataset: Dataset) -> str | None:
-    """Why `dataset` cannot train or evaluate `model` (None if it can).
+def data_misfit(model: nn.Module, dataset: Dataset, task: str | None = None) -> str | None:
+    """Why `dataset` (or its rows of `task`) cannot train or evaluate `model` (None if it can).
 
     Checked before a job relies on the data -- a slave before it confirms, the master
     on its evaluation set at start -- so a mismatch is one line that names it, not a
     traceback in every round: the first samples must go through the model, and every
     label must be a class of its output.
     """
+    if task is not None:
+        dataset = task_subset(dataset, task)
+        if len(dataset) == 0:
+            return f"no samples of task {task!r}"
     loader = DataLoader(dataset, batch_size=1024)
     x, _ = next(iter(loader))
     was_training = model.training

@@ -15,6 +15,14 @@ one, or an existing `--broker`), keys, configs and a report, all in one director
                      atomically, after every round: watch it grow)
     DIR/accuracy.png accuracy per round and per byte sent, and bytes per round (with the
                      [plot] extra)
+    DIR/teacher.cbor with --update student: the fixed teacher the students distil from
+
+With ``--update student`` (knowledge distillation, docs/PROTOCOL.md section 11.8) the
+demo first trains the teacher -- the MLP 64-128-10 -- by in-process FedAvg on the same
+shards (standing in for a teacher pretrained elsewhere), then the slaves distil two
+students from it over MQTT: the first half of the slaves a student of the teacher's
+architecture ("same"), the others one of half its hidden width ("half", the weak
+devices). The accuracy per round is the worse student's; report.json has each part's.
 
 The processes run the installed fedmq whatever the working directory: a folder
 named `fedmq` in it (a clone, say) must not shadow the package.
@@ -72,15 +80,60 @@ class DemoResult:
     status: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     master_exit: int | None = None
+    teacher_accuracy: float | None = None  # --update student: the fixed teacher's
+
+
+TEACHER = "teacher.cbor"
+#: --update student: a student of the teacher's architecture and one of half its hidden width
+DEMO_STUDENTS = {"same": {"arch": "mlp", "sizes": [64, 128, 10], "seed": 0},
+                 "half": {"arch": "mlp", "sizes": [64, 64, 10], "seed": 0}}
+
+
+def train_reference_teacher(path: Path, slaves: int = 8, rounds: int = 30) -> float:
+    """Train the reference MLP by in-process FedAvg on the reference split over `slaves`
+    shards (DESIGN.md's workload: 2 epochs, batch 32, lr 0.1), write it as a teacher
+    file (`[distill] teacher`) and return its test accuracy. A stand-in for a teacher
+    pretrained elsewhere: the demo and the tests distil students from it."""
+    import torch
+
+    from fedmq.common.modelspec import build_model, float_state, load_float_state
+    from fedmq.common.strategies import ClientUpdate, make_strategy
+    from fedmq.common.workload import evaluate, reference_split
+    from fedmq.master.jobmodel import write_weights
+    from fedmq.slave.trainer import train_local
+
+    split = reference_split(num_slaves=slaves)
+    shards = [split.slave_dataset(i) for i in range(slaves)]
+    model = build_model({"arch": "mlp", "sizes": [64, 128, 10], "seed": 0})
+    strategy = make_strategy({"name": "fedavg"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small MLP: more threads only spin on a shared machine
+    try:
+        for version in range(rounds):
+            updates = [ClientUpdate(f"slave-{i}", "delta", train_local(model, shard, seed=1000 * version + i).tensors,
+                                    len(shard), version) for i, shard in enumerate(shards)]
+            load_float_state(model, strategy.aggregate(float_state(model), updates, version))
+    finally:
+        torch.set_num_threads(threads)
+    write_weights(path, model)
+    return evaluate(model, split.test_dataset())["accuracy"]
 
 
 def to_toml(data: dict[str, dict[str, Any]]) -> str:
-    """The tiny TOML subset the demo's configs need (tables of scalars and lists)."""
+    """The tiny TOML subset the demo's configs need (tables of scalars and lists, and
+    tables in tables, such as [distill.students.same])."""
     out = []
-    for table, values in data.items():
-        out.append(f"[{table}]")
-        out += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-        out.append("")
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        scalars = [f"{k} = {json.dumps(v)}" for k, v in values.items() if not isinstance(v, dict)]
+        if scalars or not values:
+            out.extend([f"[{name}]", *scalars, ""])
+        for k, v in values.items():
+            if isinstance(v, dict):
+                table(f"{name}.{k}", v)
+
+    for name, values in data.items():
+        table(name, values)
     return "\n".join(out)
 
 
@@ -239,9 +292,16 @@ def run_demo(opts: DemoOptions, on_row: Callable[[dict[str, Any]], None] = lambd
     start = time.monotonic()
     fleet = None
     try:
-        fleet = LocalFleet(root, settings, slaves=opts.slaves, rounds=opts.rounds, job={
-            "job": {"update": opts.update}, "strategy": {"name": opts.strategy}, "rounds": {"deadline": opts.deadline},
-            "compression": {"preset": opts.compression}})
+        job: dict[str, Any] = {"job": {"update": opts.update}, "strategy": {"name": opts.strategy},
+                               "rounds": {"deadline": opts.deadline}, "compression": {"preset": opts.compression}}
+        students: dict[str, dict[str, Any]] = {}
+        if opts.update == "student":
+            root.mkdir(parents=True, exist_ok=True)
+            result.teacher_accuracy = train_reference_teacher(root / TEACHER, opts.slaves)
+            job["distill"] = {"teacher": f"../{TEACHER}", "students": DEMO_STUDENTS}
+            students = {f"slave-{i:02d}": {"slave": {"student": "same" if i < (opts.slaves + 1) // 2 else "half"}}
+                        for i in range(opts.slaves)}
+        fleet = LocalFleet(root, settings, slaves=opts.slaves, rounds=opts.rounds, job=job, slave_overrides=students)
         on_start({**result.broker, "watch": watch_command(settings)})
 
         def row_arrived(row: dict[str, Any]) -> None:
@@ -297,6 +357,7 @@ ABOUT_BYTES = {
 def write_report(path: Path, opts: DemoOptions, result: DemoResult) -> dict[str, Any]:
     rows = [{k: r.get(k) for k in ("round", "version", "accuracy", "loss", "updates", "bytes_up", "bytes_down",
                                    "traffic", "seconds")}
+            | ({"part_accuracy": r["part_accuracy"]} if "part_accuracy" in r else {})
             for r in sorted(result.rows, key=lambda r: r["round"])]
     report = {
         "job": JOB, "slaves": opts.slaves, "rounds_planned": opts.rounds, "update": opts.update,
@@ -309,6 +370,7 @@ def write_report(path: Path, opts: DemoOptions, result: DemoResult) -> dict[str,
         "bytes_to_090": bytes_to(rows, 0.90),
         "traffic": result.status.get("traffic", {}), "downlink": result.status.get("downlink", {}),
         "rejected": result.status.get("rejected", {}),
+        **({"teacher_accuracy": result.teacher_accuracy} if result.teacher_accuracy is not None else {}),
         "about_bytes": ABOUT_BYTES,
     }
     write_atomic(path, (json.dumps(report, indent=2) + "\n").encode())

@@ -38,16 +38,17 @@ from fedmq.common.channel import Received
 from fedmq.common.effects import Ack, Checkpoint, Effect, Finish, Journal, Log, Publish, PublishJson
 from fedmq.common.errors import ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
+from fedmq.common.layout import Layout
 from fedmq.common.strategies import ClientUpdate, Strategy
 from fedmq.common.update_safety import all_finite_params
 
 from . import checkpoint
 from .job import instruction_body
 from .intake import Refusal, UpdateIntake
-from .downlink import ModelPublisher
 from .enrollment import Enrollment, Outcome
 from .ledger import UpdateLedger
 from .modelstore import ModelStore, Params
+from .partspublisher import make_publisher
 from .phase import JobPhase
 from .registry import SlaveRegistry
 from .rejections import Rejections
@@ -75,10 +76,11 @@ class MasterCore:
         # `schedule`: another implementation of the part (the sharded root's, master/sharded.py)
         self.schedule = schedule if schedule is not None else make_schedule(strategy, cfg.policy)
         self.rounds = Rounds(cfg.policy, self.schedule, self.topics, cfg.update, coalesce=COALESCE_SECONDS)
-        self.store = ModelStore(model, keep_bases=keep_bases_for(strategy))
+        self.layout = Layout.of_job(cfg)  # its parts: the whole model, teacher and students, encoder and heads
+        self.store = ModelStore(model, keep_bases=keep_bases_for(strategy), layout=self.layout)
         self.rejections = Rejections()
         self.registry = SlaveRegistry(open_enrollment=cfg.enrollment == "open", min_samples=cfg.min_samples,
-                                      rejections=self.rejections)
+                                      rejections=self.rejections, layout=self.layout)
         self.ledger = UpdateLedger()
         self.intake = UpdateIntake(self.store, self.ledger, self.schedule,
                                    max_update_norm=getattr(strategy, "max_update_norm", None),
@@ -86,7 +88,7 @@ class MasterCore:
         self.discarded: list[dict[str, Any]] = []  # versions refused as non-finite (the last few)
         self.phase = JobPhase()
         self.board = StatusBoard(self.topics.master("status"), COALESCE_SECONDS)
-        self.publisher = ModelPublisher(cfg.compression.downlink, self.store, self.topics)
+        self.publisher = make_publisher(cfg.compression.downlink, self.store, self.topics)  # whole, or part by part
         self.traffic = Traffic()
         self.enrollment = Enrollment(self.registry, self.topics, self.publisher, cfg.policy)
         self.contributions: dict[str, int] = {}  # slave -> updates of it the strategy used (for the DP accounting)
@@ -115,7 +117,7 @@ class MasterCore:
             self._fresh = False
             fx.append(Checkpoint(self.checkpoint_state()))
         # The model goes out at version 0 too: a slave restarted before version 1 finds it retained.
-        fx += [self._instruction(), self._model_effect()]
+        fx += [self._instruction(), *self._model_effects()]
         if self.phase.finished:
             return fx + [*self._status(now, force=True), Finish("already finished")]
         resumed = self.version > 0 or self.phase.state == "training"
@@ -308,7 +310,9 @@ class MasterCore:
             self.registry.slaves[name].online = True
             fx = self._maybe_start_round(now, force=True)
         rnd = self.round
-        verdict = self.intake.screen(msg, rnd, self.round_number, declared_samples=self.registry.slaves[name].samples)
+        rec = self.registry.slaves[name]
+        verdict = self.intake.screen(msg, rnd, self.round_number, declared_samples=rec.samples,
+                                     declared_parts=rec.parts)
         if not (isinstance(verdict, Refusal) and verdict.duplicate):
             self.registry.slaves[name].online = True  # it is evidently there, whatever presence said last
         if isinstance(verdict, Refusal):
@@ -337,7 +341,8 @@ class MasterCore:
         """Re-admit a journaled update after a restart (it was acked before)."""
         rec = self.registry.get(record["sender"])
         try:
-            update = self.intake.to_update(record["sender"], record["body"], rec.samples if rec else None)
+            update = self.intake.to_update(record["sender"], record["body"], rec.samples if rec else None,
+                                           rec.parts if rec else None)
         except ProtocolError as exc:  # e.g. a job file whose max_update_norm was lowered since
             return [Log("warning", f"journaled update {record['update_id']} not re-admitted: {exc}")]
         if self.schedule.admissible(update, self.version):
@@ -412,8 +417,8 @@ class MasterCore:
         return Publish(self.topics.master("instruction"), M.INSTRUCTION, instruction_body(self.cfg, self.run),
                        retain=True)
 
-    def _model_effect(self) -> Publish:
-        return self.publisher.retained(self.run, self.round_number)
+    def _model_effects(self) -> list[Publish]:
+        return self.publisher.retained_all(self.run, self.round_number)
 
     def note_published(self, kind: str, nbytes: int) -> None:
         """The shell reports what a `Publish` cost on the wire (envelope and chunks included)."""

@@ -30,14 +30,15 @@ from fedmq.common.effects import (MASTER_EFFECTS, Ack, Checkpoint, Effect, Finis
 from fedmq.common.errors import ConfigError, ProtocolError, Reason
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.keys import KeyRing, load_identity, public_key_from_raw
-from fedmq.common.modelspec import build_model
+from fedmq.common.layout import Layout
 from fedmq.common.privacy import epsilon_spent
 from fedmq.common.shell import HEARTBEAT_FILE, GroupCommit, JournalFile, Shell, read_cbor_file, write_atomic
 from fedmq.common.topics import master_client_id, split_chunk_topic
-from fedmq.common.workload import data_misfit, evaluate, load_local_data
+from fedmq.common.workload import load_local_data
 
 from .core import MasterCore
 from .job import make_job_strategy
+from .jobmodel import job_model
 from .prometheus import PrometheusExporter
 
 CHECKPOINT = "checkpoint.cbor"
@@ -53,13 +54,14 @@ def _evaluator(cfg: JobConfig):
     if not cfg.eval_data:
         return None
     dataset = load_local_data(cfg.eval_data)
-    model = build_model(cfg.model)
+    layout = Layout.of_job(cfg)  # a model with parts: each student, or each head on its task's rows
+    model = layout.build()
 
-    def run(params: dict[str, torch.Tensor]) -> dict[str, float]:
+    def run(params: dict[str, torch.Tensor]) -> dict[str, Any]:
         model.load_state_dict(params, strict=False)
-        return evaluate(model, dataset)
+        return layout.evaluate(model, dataset)
 
-    if why := data_misfit(model, dataset):
+    if why := layout.data_misfit(model, dataset):
         raise ConfigError(f"master.eval {cfg.eval_data}: {why}")
     return run
 
@@ -109,6 +111,7 @@ class MasterDaemon:
         # its own retained messages, to put them back if anyone overwrites them (a junk
         # instruction would keep every new slave from enrolling)
         self._own_retained = {topics.master(name) for name in ("instruction", "model", "round")}
+        self._own_retained |= {topics.model_part(p) for p in self.core.layout.parts if p}  # a model with parts
         for topic in sorted(self._own_retained):
             self.shell.transport.subscribe(topic, qos=1)
             self.shell.transport.subscribe(topic + "/chunk/+", qos=1)
@@ -128,7 +131,8 @@ class MasterDaemon:
     # they drive, what they subscribe to, and the effects they handle besides these.
 
     def _make_core(self, cfg: JobConfig) -> MasterCore:
-        return MasterCore(cfg, build_model(cfg.model), make_job_strategy(cfg), evaluate=_evaluator(cfg),
+        # the whole model, or its parts (a fixed teacher's weights read from its file)
+        return MasterCore(cfg, job_model(cfg), make_job_strategy(cfg), evaluate=_evaluator(cfg),
                           timer=time.perf_counter, run=uuid.uuid4().hex[:12])
 
     def _subscriptions(self) -> list[str]:

@@ -37,8 +37,9 @@ class ModelPublisher:
         assert self.devices.version is not None and self.devices.params is not None
         return self.devices.version, self.devices.params
 
-    def model_body(self, run: str) -> dict[str, Any]:
-        """A full `model` body of what devices hold now (retained, or for one device)."""
+    def model_body(self, run: str, trains: Mapping[str, int] | None = None) -> dict[str, Any]:
+        """A full `model` body of what devices hold now (retained, or for one device).
+        `trains`: the parts a slave trains, in a model with parts (master/partspublisher.py)."""
         _, params = self.held()
         return {"run": run, "tensors": encode_state_dict(params)}
 
@@ -50,6 +51,10 @@ class ModelPublisher:
             return [Publish(self.topics.master("delta"), M.DELTA, {"run": run, **sent.body}, version=sent.version,
                             round=round_number)]
         self.keyframes_sent += 1
+        return [self.retained(run, round_number)]
+
+    def retained_all(self, run: str, round_number: int) -> list[Publish]:
+        """Every retained `model` message (one here; one per part in a model with parts)."""
         return [self.retained(run, round_number)]
 
     def retained(self, run: str, round_number: int) -> Publish:

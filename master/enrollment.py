@@ -108,4 +108,5 @@ class Enrollment:
     def direct_model(self, name: str, run: str) -> Publish:
         """The model devices hold now, for one slave (after enrollment, or back online)."""
         version, _ = self.publisher.held()
-        return Publish(self.topics.direct(name), M.MODEL, self.publisher.model_body(run), version=version)
+        body = self.publisher.model_body(run, self.registry.slaves[name].parts)  # (a model with parts: those it holds)
+        return Publish(self.topics.direct(name), M.MODEL, body, version=version)

@@ -21,6 +21,7 @@ It changes nothing but its own count of clipped updates; the core acts on the ve
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 from fedmq.common import messages as M
 from fedmq.common.channel import Received
@@ -57,7 +58,7 @@ class UpdateIntake:
         self.clipped: dict[str, int] = {}  # slave -> updates whose norm was clipped
 
     def screen(self, msg: Received, rnd: RoundState | None, round_number: int, *,
-               declared_samples: int | None) -> ClientUpdate | Refusal:
+               declared_samples: int | None, declared_parts: Mapping[str, int] | None = None) -> ClientUpdate | Refusal:
         body, name = msg.body, msg.sender
         uid = body["update_id"]
         own = expected_update_id(name, msg.manifest.round, body["base_version"])
@@ -73,7 +74,7 @@ class UpdateIntake:
                         f"now {round_number}/{self.store.version})")
             return Refusal(late)
         try:
-            update = self.to_update(name, body, declared_samples)
+            update = self.to_update(name, body, declared_samples, declared_parts)
         except ProtocolError as exc:
             return Refusal(f"rejected update {uid} from {name}: {exc.reason} {clip(exc.detail)}".rstrip(), "warning",
                            exc.reason)
@@ -81,13 +82,18 @@ class UpdateIntake:
             return Refusal(f"update {uid} from {name} not used: {why}", reason=Reason.STALE)
         return update
 
-    def to_update(self, sender: str, body: dict, declared_samples: int | None) -> ClientUpdate:
+    def to_update(self, sender: str, body: dict, declared_samples: int | None,
+                  declared_parts: Mapping[str, int] | None = None) -> ClientUpdate:
         """Steps 4 and 5 for a body (also one re-admitted from the journal): decoded, checked
-        against the model, its norm bounded and its weight capped. Raises ProtocolError."""
-        tensors = as_float32_state(M.tensors_of(body, self.limits, expected=self.spec))
-        self.store.validate(tensors)
+        against the model (against the parts it says it trains, which must be parts its
+        sender confirmed, in a model with parts), its norm bounded and its weight capped.
+        Raises ProtocolError."""
+        parts = self.store.update_parts(body.get("parts"), declared_parts)
+        spec = self.spec if parts is None else self.store.spec(parts)
+        tensors = as_float32_state(M.tensors_of(body, self.limits, expected=spec))
+        self.store.validate(tensors, parts)
         update = ClientUpdate(sender, body["kind"], tensors, body["samples"], body["base_version"],
-                              weight=capped_weight(body["samples"], declared_samples, self.max_weight))
+                              weight=capped_weight(body["samples"], declared_samples, self.max_weight), parts=parts)
         base = self.store.base(update.base_version) if update.kind == "student" else None
         update, clipped, _ = bound_client_update(update, base or self.store.params, self.max_update_norm)
         if clipped:

@@ -14,7 +14,8 @@ import torch
 from fedmq.common.async_strategies import ASYNC_OPTIONS, make_async_strategy
 from fedmq.common.errors import ConfigError
 from fedmq.common.jobconfig import JobConfig
-from fedmq.common.strategies import Strategy, make_strategy
+from fedmq.common.layout import Layout
+from fedmq.common.strategies import PartStrategies, Strategy, make_strategy
 from fedmq.common.tensors import decode_state_dict, encode_state_dict
 
 
@@ -33,6 +34,7 @@ def instruction_body(cfg: JobConfig, run: str) -> dict[str, Any]:
                          **({"whole_updates": True} if cfg.shard is not None else {})},
         "compression": cfg.compression.to_wire(),
         **({"privacy": cfg.privacy.to_wire()} if cfg.privacy is not None else {}),
+        **Layout.of_job(cfg).instruction_fields(),  # students ("distill") or task heads ("multitask")
     }
 
 
@@ -42,13 +44,21 @@ def is_asynchronous(strategy_cfg: Mapping[str, Any]) -> bool:
 
 def make_job_strategy(cfg: JobConfig) -> Strategy:
     """The job's aggregation rule: synchronous (FedOpt family) or asynchronous. A robust
-    rule that needs more updates per round than the round policy guarantees is refused."""
+    rule that needs more updates per round than the round policy guarantees is refused.
+    A model with parts gets one synchronous strategy per trainable part."""
+    layout = Layout.of_job(cfg)
     if is_asynchronous(cfg.strategy):
+        if layout.grouped:
+            raise ConfigError(f"strategy.name: {cfg.strategy.get('name')!r} is asynchronous; a job with "
+                              f"[distill] students or [multitask] heads needs a synchronous strategy")
         return make_async_strategy(cfg.strategy, gradient_lr=cfg.train.lr)
     strategy = make_strategy(cfg.strategy, gradient_lr=cfg.train.lr)
     if strategy.min_updates > cfg.policy.min_updates:
         raise ConfigError(f"rounds.min_updates: rule {strategy.rule.name!r} needs at least {strategy.min_updates} "
                           f"updates per round (2·krum_f + 3); set min_updates = {strategy.min_updates}")
+    if layout.grouped:
+        return PartStrategies(layout.trainable, layout.part_of,
+                              lambda: make_strategy(cfg.strategy, gradient_lr=cfg.train.lr))
     return strategy
 
 

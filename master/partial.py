@@ -8,7 +8,7 @@ round's step is Σ wᵢΔᵢ / Σ wᵢ, and the server optimizer applies it. A
 sets of updates add up to the sum over their union, so the root's new version
 equals a single master's up to float rounding (the additions happen in another
 order). Also here: the checked wire form of the entries of `tally`, `partial` and
-`collect` bodies (docs/PROTOCOL.md section 11.8).
+`collect` bodies (docs/PROTOCOL.md section 11.10).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ them beside those the shell reports.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from fedmq.common import messages as M
 from fedmq.common.channel import Received
@@ -19,6 +19,9 @@ from fedmq.common.effects import Effect, Log, Trust
 from fedmq.common.errors import Reason, clip
 
 from .rejections import Rejections
+
+if TYPE_CHECKING:
+    from fedmq.common.layout import Layout
 
 
 @dataclass
@@ -31,6 +34,7 @@ class SlaveRecord:
     declined: str | None = None
     public_key: bytes | None = None  # kept for open enrollment, so a restart re-trusts it
     bytes_in: int = 0  # the slave's own count of bytes it received, from its last update
+    parts: dict[str, int] | None = None  # a model with parts: those it confirmed it trains -> samples
 
 
 _RECORD_FIELDS = frozenset(f.name for f in fields(SlaveRecord))
@@ -42,8 +46,10 @@ Admission = Literal["enrolled", "declined", "rejected"]
 class SlaveRegistry:
     """Enrollment, trust, presence and silence of every slave the master has heard of."""
 
-    def __init__(self, *, open_enrollment: bool, min_samples: int, rejections: Rejections) -> None:
+    def __init__(self, *, open_enrollment: bool, min_samples: int, rejections: Rejections,
+                 layout: Layout | None = None) -> None:
         self.open_enrollment = open_enrollment
+        self.layout = layout  # a model with parts: which parts a confirm may claim
         self.min_samples = min_samples
         self.rejections = rejections
         self.slaves: dict[str, SlaveRecord] = {}
@@ -100,25 +106,33 @@ class SlaveRegistry:
         if body["samples"] < self.min_samples:
             rec.declined = f"{body['samples']} samples < min_samples {self.min_samples}"
             return "declined", [Log("info", f"{name} not enrolled: {rec.declined}")]
+        parts, why = self.layout.confirmed_parts(body.get("parts")) if self.layout else (None, None)
+        if why:
+            rec.declined, rec.enrolled, rec.online = why[:MAX_REASON], False, False
+            return "declined", [Log("info", f"{name} not enrolled: {rec.declined}")]
         rec.enrolled, rec.online, rec.declined, rec.last_seen = True, True, None, now
         rec.samples = body["samples"]
+        rec.parts = None if parts is None else {p: min(n, rec.samples) for p, n in parts.items()}
         fx: list[Effect] = []
         if not msg.enrolled:
             rec.public_key = body["public_key"]
             fx += [Trust(name, rec.public_key), Log("warning", f"open enrollment: trusting new key for {name}")]
         self.not_enrolled.pop(name, None)
-        return "enrolled", fx + [Log("info", f"{name} enrolled ({rec.samples} samples)")]
+        trains = f"; trains {', '.join(rec.parts)}" if rec.parts else ""
+        return "enrolled", fx + [Log("info", f"{name} enrolled ({rec.samples} samples{trains})")]
 
     def enrollment_record(self, name: str) -> dict[str, Any]:
         """What the journal keeps of an enrollment, so a crash before the next checkpoint
         does not forget it (`reenroll` takes it back)."""
         rec = self.slaves[name]
-        return {"type": "enroll", "sender": name, "samples": rec.samples, "public_key": rec.public_key}
+        return {"type": "enroll", "sender": name, "samples": rec.samples, "public_key": rec.public_key,
+                "parts": rec.parts}
 
     def reenroll(self, record: Mapping[str, Any]) -> None:
         rec = self.record(record["sender"])
         rec.enrolled, rec.online, rec.declined = True, True, None
         rec.samples, rec.public_key = record["samples"], record.get("public_key")
+        rec.parts = record.get("parts")
         self.not_enrolled.pop(rec.name, None)
 
     def should_ask(self, name: str, now: float, every: float) -> bool:

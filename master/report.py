@@ -41,7 +41,8 @@ def status_document(core: MasterCore, now: float) -> dict[str, Any]:
         # once finished, the master stops following presence: "online" would go stale
         "slaves": {n: {"enrolled": s.enrolled, "online": None if core.phase.finished else s.online,
                        "samples": s.samples,
-                       **({"declined": _text(s.declined)} if s.declined else {})}
+                       **({"declined": _text(s.declined)} if s.declined else {}),
+                       **({"parts": s.parts} if s.parts else {})}  # a model with parts: those it trains
                    for n, s in sorted(core.slaves.items()) if s.enrolled or s.declined or s.online},
         "not_enrolled": {n: _text(why) for n, why in ignored[:MAX_LISTED]},
         "not_enrolled_more": max(0, len(ignored) - MAX_LISTED),
@@ -77,6 +78,8 @@ def version_row(core: MasterCore, rnd: RoundState, version: int, now: float) -> 
     if core.evaluate is not None:
         scores = core.evaluate(core.store.params)
         row.update({k: float(scores[k]) for k in ("accuracy", "loss") if k in scores})
+        if "part_accuracy" in scores:  # a model with parts: each part scored
+            row["part_accuracy"] = dict(scores["part_accuracy"])
     return row
 
 

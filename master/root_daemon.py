@@ -16,11 +16,11 @@ import uuid
 from fedmq.common.errors import ConfigError
 from fedmq.common.jobconfig import JobConfig
 from fedmq.common.keys import load_public_key
-from fedmq.common.modelspec import build_model
 
 from .core import MasterCore
 from .daemon import MasterDaemon, _evaluator
 from .job import make_job_strategy
+from .jobmodel import job_model
 from .sharded import RootCore, ShardedRounds, check_shardable
 
 
@@ -43,7 +43,7 @@ class RootDaemon(MasterDaemon):
         strategy = make_job_strategy(cfg)
         check_shardable(cfg, strategy)
         assert cfg.shard is not None
-        master = MasterCore(cfg, build_model(cfg.model), strategy, evaluate=_evaluator(cfg), timer=time.perf_counter,
+        master = MasterCore(cfg, job_model(cfg), strategy, evaluate=_evaluator(cfg), timer=time.perf_counter,
                             run=uuid.uuid4().hex[:12], schedule=ShardedRounds(strategy, cfg.policy))
         return RootCore(master, cfg.shard)
 

@@ -64,6 +64,9 @@ def check_shardable(cfg: JobConfig, strategy: Strategy) -> None:
     if cfg.update == "student":
         raise ConfigError("[shard]: student updates cannot be sharded (a student's step w - x needs the global "
                           "model at every worker); use update = \"delta\" or \"gradient\"")
+    if cfg.distill is not None or cfg.multitask is not None:
+        raise ConfigError("[shard]: a model with parts ([distill], [multitask]) is aggregated part by part: it "
+                          "cannot be sharded")
     if cfg.enrollment != "allowlist":
         raise ConfigError("[shard]: enrollment mode 'open' cannot be sharded: the workers verify updates with "
                           "the allowlist's keys, and open enrollment learns keys at the master only")

@@ -70,6 +70,8 @@ def parse_relay(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] 
         raise ConfigError("job.target_accuracy: a relay's site job does not finish by itself (the upstream job does)")
     if down.shard is not None:
         raise ConfigError("shard: a relay's site job cannot be sharded")
+    if down.distill is not None or down.multitask is not None:
+        raise ConfigError("a relay's site job is one model: [distill] and [multitask] are not relayed")
     up_topics = Topics(up_job, up_prefix)
     if up_topics.base == down.topics.base:
         raise ConfigError(f"relay.upstream_job: {up_topics.base} is also the site job's topic base; give the site "

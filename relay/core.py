@@ -22,7 +22,7 @@ upstream round with a `delta` update: the local model minus the upstream model i
 started from, with `samples` = the sum of the samples of the devices whose updates
 made those local versions (each device counted once, with the samples it declared
 when it enrolled). The upstream master thus sees one enrolled party whose updates
-carry its devices' samples (docs/PROTOCOL.md 11.9).
+carry its devices' samples (docs/PROTOCOL.md 11.11).
 
 Durability is the two cores' own -- the site's updates are journaled before they are
 acknowledged and each local version is checkpointed before it is published; the

@@ -28,8 +28,9 @@ from torch.utils.data import Dataset
 from fedmq.common import messages as M
 from fedmq.common.channel import Received
 from fedmq.common.effects import Effect, Log, Publish, SaveState, Subscribe, Train
-from fedmq.common.errors import ConfigError, ProtocolError
+from fedmq.common.errors import ProtocolError
 from fedmq.common.jobconfig import SlaveConfig
+from fedmq.common.layout import Layout
 from fedmq.common.modelspec import build_model, float_state, load_float_state
 from fedmq.common.compression import ErrorFeedback, WrongBase, apply_model_delta, encode_update
 from fedmq.common.compression_settings import CompressionSettings
@@ -37,7 +38,9 @@ from fedmq.common.privacy import privatize
 from fedmq.common.privacy_settings import DPSettings
 from fedmq.common.tensors import Limits, encode_state_dict, spec_of
 
-from .trainer import LocalResult, distill_local, train_local
+from .assembly import ModelAssembly
+from .plan import SlavePlan, plan_for, train_parts
+from .trainer import LocalResult, train_local
 
 Params = dict[str, torch.Tensor]
 KEEP_DONE_ROUNDS = 64
@@ -66,7 +69,8 @@ class SlaveCore:
     samples: int
     capabilities: dict[str, Any] = field(default_factory=dict)
     # Why the local data cannot train a model built from the instruction (None: it can).
-    data_misfit: Callable[[nn.Module], str | None] | None = None
+    data_misfit: Callable[..., str | None] | None = None  # (model[, task=T]): task for multi-task jobs
+    task_samples: Mapping[str, int] = field(default_factory=dict)  # local samples per task (the data's task column)
     instruction: dict[str, Any] | None = None
     instruction_digest: bytes = b""
     enrolled: bool = False
@@ -82,6 +86,8 @@ class SlaveCore:
     _retry: float = CONFIRM_RETRY[0]
     settings: JobSettings | None = None  # what the instruction says about compression and privacy
     feedback: ErrorFeedback | None = None  # what uplink compression left out, sent later (error feedback)
+    _plan: SlavePlan | None = None  # what it trains in the instruction's job (slave/plan.py)
+    _assembly: ModelAssembly | None = None  # collects the parts of a model version
 
     def __post_init__(self) -> None:
         self.topics = self.cfg.topics
@@ -89,6 +95,25 @@ class SlaveCore:
     @property
     def run(self) -> str | None:
         return self.instruction.get("run") if self.instruction else None
+
+    @property
+    def plan(self) -> SlavePlan:
+        """Which model parts this slave trains and holds (the whole model in a plain job)."""
+        if self._plan is None:
+            assert self.instruction is not None
+            plan = self._make_plan(self.instruction)
+            self._plan = plan if isinstance(plan, SlavePlan) else SlavePlan(Layout.from_instruction(self.instruction))
+        return self._plan
+
+    @property
+    def assembly(self) -> ModelAssembly:
+        if self._assembly is None:
+            self._assembly = ModelAssembly(self.plan.layout, self.plan.holds)
+        return self._assembly
+
+    def _make_plan(self, body: Mapping[str, Any]) -> SlavePlan | str:
+        return plan_for(body, student=self.cfg.student, samples=self.samples, task_samples=self.task_samples,
+                        misfit=self.data_misfit)
 
     @property
     def asynchronous(self) -> bool:
@@ -163,6 +188,7 @@ class SlaveCore:
             "samples": result.num_samples,
             "metrics": {**{k: float(v) for k, v in result.metrics.items()}, "bytes_in": bytes_in},
             "tensors": self._wire_tensors(result),
+            **({"parts": result.parts} if result.parts else {}),  # a model with parts: those it trained
         }
         self.pending = {"round": rnd, "body": body}
         self.done_rounds = (self.done_rounds + [rnd])[-KEEP_DONE_ROUNDS:]
@@ -197,7 +223,12 @@ class SlaveCore:
 
     def _wire_tensors(self, result: LocalResult) -> dict[str, Any]:
         """The update's tensors as they travel: noised (DP), then compressed (with error
-        feedback) -- a delta or gradient; a student's whole weights go as they are."""
+        feedback) -- a delta or gradient; a student's whole weights go uncompressed, with
+        DP noised as the step w − x from the global student x it was trained from."""
+        if result.kind == "student" and self.settings is not None and self.settings.privacy is not None:
+            held = float_state(self.model)  # (synchronous: still the version it trained from)
+            step = privatize({k: w - held[k] for k, w in result.tensors.items()}, self.settings.privacy)
+            return encode_state_dict({k: held[k] + s for k, s in step.items()})
         if result.kind not in ("delta", "gradient") or self.settings is None:
             return encode_state_dict(result.tensors)
         tensors = result.tensors
@@ -217,6 +248,7 @@ class SlaveCore:
             self.done_rounds, self.pending, self.feedback = [], None, None
         self.instruction_digest, self.instruction = digest, dict(body)
         self.enrolled = False
+        self._plan = self._assembly = None  # the parts it trains follow from the instruction
         return self._answer(now)
 
     def _answer(self, now: float) -> list[Effect]:
@@ -239,11 +271,13 @@ class SlaveCore:
             return f"{self.samples} local samples, the job needs {need}"
         if why := self._adopt_settings(body):
             return why
-        try:
-            model = build_model(body["model"])
-        except ConfigError as exc:
-            return f"cannot build model: {exc}"
-        return self.data_misfit(model) if self.data_misfit is not None else None
+        plan = self._make_plan(body)  # builds the model (or its parts) and checks the data against it
+        if isinstance(plan, str):
+            return plan
+        if self.model is not None and set(float_state(self.model)) != set(float_state(plan.build())):
+            self.model, self.version = None, -1  # the parts it holds changed: take the next model afresh
+        self._plan, self._assembly = plan, None
+        return None
 
     def _adopt_settings(self, body: Mapping[str, Any]) -> str | None:
         """Read the instruction's compression and privacy settings (None), or say why not."""
@@ -263,7 +297,8 @@ class SlaveCore:
     def _confirm(self, now: float) -> list[Effect]:
         self._confirmed_at = now
         return [Publish(self.topics.slave("confirm", self.cfg.slave_id), M.CONFIRM,
-                        {"public_key": self.public_key, "samples": self.samples, "capabilities": self.capabilities})]
+                        {"public_key": self.public_key, "samples": self.samples, "capabilities": self.capabilities,
+                         **self.plan.confirm_fields()})]  # a model with parts: the parts it trains
 
     def _decline(self, why: str) -> list[Effect]:
         self.declined, self.enrolled, self._confirmed_at = why, False, None
@@ -291,10 +326,15 @@ class SlaveCore:
         if not newer and not first:
             return []
         if newer:
-            model = self.model if self.model is not None else build_model(self.instruction["model"])
+            model = self.model if self.model is not None else self.plan.build()
             spec = spec_of(float_state(model))
-            try:
-                load_float_state(model, M.tensors_of(msg.body, Limits.for_model(spec), expected=spec))
+            try:  # (a model with parts comes part by part: the assembly says when a version is whole)
+                tensors = M.tensors_of(msg.body, Limits.for_model(spec), expected=spec,
+                                       partial=self.plan.holds is not None)
+                tensors = self.assembly.offer(version, tensors)
+                if tensors is None:
+                    return []  # the other parts of this version are still to come
+                load_float_state(model, tensors)
             except ProtocolError as exc:
                 return [Log("warning", f"rejected model version {version}: {exc}")]
             self.model, self.version, self.floor = model, version, max(self.floor, version)
@@ -345,9 +385,10 @@ class SlaveCore:
                        whole=whole)
 
     def _follow(self, *, fetch_model: bool) -> list[Effect]:
-        """Follow the job once enrolled: models, rounds, deltas. A slave that was just sent
-        its model does not fetch the retained one too (the same bytes again)."""
-        return [Subscribe(self.topics.master("model"), retained=fetch_model), Subscribe(self.topics.master("round")),
+        """Follow the job once enrolled: models (or the parts of one it holds), rounds, deltas.
+        A slave that was just sent its model does not fetch the retained one too (the same bytes again)."""
+        return [*(Subscribe(t, retained=fetch_model) for t in self.plan.model_topics(self.topics)),
+                Subscribe(self.topics.master("round")),
                 Subscribe(self.topics.master("delta"))]
 
     def _maybe_train(self, now: float) -> list[Effect]:
@@ -369,15 +410,12 @@ class SlaveCore:
 
 def run_training(instruction: Mapping[str, Any], params: Params, dataset: Dataset, *, seed: int) -> LocalResult:
     """Do what a `Train` effect asks, with the instruction's settings (called by the shell's worker)."""
+    if Layout.from_instruction(instruction).grouped:  # students of a teacher, or an encoder and task heads
+        return train_parts(instruction, params, dataset, seed=seed)
     model = build_model(instruction["model"])
     load_float_state(model, params)
     t = instruction["train"]
     kind = instruction["update"]
-    if kind == "student":
-        student = build_model(instruction["model"])  # the instruction declares no other architecture yet
-        return distill_local(model, student, dataset, epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
-                             momentum=t["momentum"], weight_decay=t["weight_decay"],
-                             temperature=t["temperature"], alpha=t["alpha"], seed=seed)
     constraints = CompressionSettings.from_wire(instruction.get("compression", {})).constraints
     return train_local(model, dataset, kind=kind, epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
                        momentum=t["momentum"], weight_decay=t["weight_decay"], prox_mu=t["prox_mu"],

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from fedmq.common.effects import SLAVE_EFFECTS, Effect, Interpreter, Log, Publish, SaveState, Subscribe, Train
 from fedmq.common.errors import ProtocolError
 from fedmq.common.jobconfig import SlaveConfig
-from fedmq.common.workload import data_misfit, load_local_data
+from fedmq.common.workload import data_misfit, load_local_data, task_counts
 
 from .core import SlaveCore, run_training
 from .link import SlaveLink
@@ -43,6 +43,7 @@ class _Interruptible(Dataset):
 
     def __init__(self, data: Dataset, stop: threading.Event) -> None:
         self.data, self.stop = data, stop
+        self.tasks = getattr(data, "tasks", None)  # a task column ([multitask] jobs) reads through too
 
     def __len__(self) -> int:
         return len(self.data)  # type: ignore[arg-type]
@@ -67,7 +68,8 @@ class SlaveDaemon:
         self.shell = self.link.shell
         capabilities = {"update": list(cfg.update_kinds), "torch": torch.__version__, "machine": platform.machine()}
         self.core = SlaveCore(cfg, self.link.public_key, len(self.dataset), capabilities,
-                              data_misfit=lambda model: data_misfit(model, self.dataset))
+                              data_misfit=lambda model, task=None: data_misfit(model, self.dataset, task),
+                              task_samples=task_counts(self.dataset))
         self.link.version = lambda: self.core.version
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
         self._chaos = random.Random()  # used on the worker thread only

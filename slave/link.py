@@ -86,7 +86,7 @@ class SlaveLink:
         # which already has these subscriptions, so the broker would not resend the
         # retained instruction, model and round -- which this process, unlike the
         # session, has never seen (PROTOCOL.md section 2: Retain Handling 0).
-        chunked = fx.topic.endswith(("/model", "/instruction", "/round"))
+        chunked = self.cfg.topics.retained_chunked(fx.topic)  # instruction, round, model (or model/PART)
         for topic in (fx.topic, fx.topic + "/chunk/+") if chunked else (fx.topic,):
             self.shell.transport.subscribe(topic, fx.qos, bootstrap=chunked and fx.retained,
                                            skip_retained=not fx.retained)

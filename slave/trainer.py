@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +40,15 @@ LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 @dataclass(frozen=True)
 class LocalResult:
     """What a slave sends back: `kind` as in `strategies.UPDATE_KINDS`, the tensors
-    named as in `float_state`, the sample count for weighting, and metrics to report."""
+    named as in `float_state`, the sample count for weighting, and metrics to report.
+    `parts`: in a job whose model has parts, the parts trained and the samples each was
+    trained on (the update's `parts`)."""
 
     kind: str
     tensors: dict[str, Tensor]
     num_samples: int
     metrics: dict[str, float]
+    parts: dict[str, int] | None = None
 
 
 @contextmanager
@@ -219,11 +222,12 @@ def distill_local(teacher: nn.Module, student: nn.Module, dataset: Dataset, *,
                   seed: int | None = None) -> LocalResult:
     """Knowledge distillation on local data (Hinton et al. 2015).
 
-    The received model is the frozen `teacher`; a copy of `student` (same or smaller
-    architecture) is trained on α·T²·KL(teacher_T ‖ student_T) + (1−α)·CE(student, y),
-    where ``_T`` means softmax at temperature T (T² keeps the soft-target gradients on
-    the scale of the hard-label ones). The update is the student's full float state,
-    kind "student".
+    `teacher` is frozen; a copy of `student` (same or smaller architecture, as received:
+    the global model of that student) is trained on
+    α·CE(student, y) + (1−α)·T²·KL(teacher_T ‖ student_T), where ``_T`` means softmax
+    at temperature T (T² keeps the soft-target gradients on the scale of the hard-label
+    ones): α weighs the labels, 1 − α the teacher. The update is the student's full
+    float state, kind "student".
     """
     _check(dataset, epochs, batch_size)
     start = time.perf_counter()
@@ -237,7 +241,7 @@ def distill_local(teacher: nn.Module, student: nn.Module, dataset: Dataset, *,
         logits = m(x)
         soft = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft_targets,
                         reduction="batchmean", log_target=True)
-        return alpha * temperature ** 2 * soft + (1 - alpha) * F.cross_entropy(logits, y)
+        return alpha * F.cross_entropy(logits, y) + (1 - alpha) * temperature ** 2 * soft
 
     try:
         with _seeded(seed) as generator:
@@ -247,3 +251,65 @@ def distill_local(teacher: nn.Module, student: nn.Module, dataset: Dataset, *,
     finally:
         teacher.train(was_training)
     return _result("student", float_state(work), len(dataset), loss, start)
+
+
+def train_multitask(encoder: nn.Module, heads: dict[str, nn.Module], queues: dict[str, Dataset], *,
+                    epochs: int = 2, batch_size: int = 32, lr: float = 0.1, momentum: float = 0.0,
+                    weight_decay: float = 0.0, seed: int | None = None) -> LocalResult:
+    """A shared encoder and task heads, trained from per-task sample queues.
+
+    `queues[task]` holds that task's samples (each a full training step or more: the
+    caller leaves out tasks whose queue is too short). Every step takes one batch from
+    one task's queue and trains the encoder plus that task's head only: the other
+    heads get no gradient, so a step of one task never moves another task's head.
+    Within an epoch the tasks take turns, batch by batch, until every queue is spent
+    (each reshuffled per epoch, short last batch kept), so the encoder sees the tasks
+    interleaved rather than one after the other. The update is the delta of the
+    encoder and of the trained heads, with tensor names "encoder.*" and "heads.TASK.*";
+    `parts` counts the samples behind each (the encoder: all of them).
+    """
+    if not queues or any(len(q) == 0 for q in queues.values()):
+        raise ValueError("cannot train without samples in every task queue")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be positive, got {epochs}, {batch_size}")
+    start = time.perf_counter()
+    tasks = sorted(queues)
+    work_enc, work_heads = copy.deepcopy(encoder), {t: copy.deepcopy(heads[t]) for t in tasks}
+    params = [*work_enc.parameters(), *(p for t in tasks for p in work_heads[t].parameters())]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    for m in (work_enc, *work_heads.values()):
+        m.train()
+    loss_sum, seen = 0.0, 0
+    with _seeded(seed) as generator:
+        for _ in range(epochs):
+            loss_sum, seen = 0.0, 0
+            batches = {t: iter(_loader(queues[t], batch_size, generator)) for t in tasks}
+            while batches:
+                for task in list(batches):
+                    batch = next(batches[task], None)
+                    if batch is None:
+                        del batches[task]
+                        continue
+                    x, y = batch
+                    optimizer.zero_grad()  # set_to_none: the heads of other tasks keep no gradient
+                    loss = F.cross_entropy(work_heads[task](work_enc(x)), y)
+                    loss.backward()
+                    optimizer.step()  # SGD skips parameters without a gradient
+                    loss_sum += loss.item() * len(y)
+                    seen += len(y)
+    tensors = _prefixed("encoder", _delta(encoder, work_enc))
+    for t in tasks:
+        tensors.update(_prefixed(f"heads.{t}", _delta(heads[t], work_heads[t])))
+    counts = {t: len(queues[t]) for t in tasks}
+    parts = {"encoder": sum(counts.values()), **{f"heads.{t}": n for t, n in counts.items()}}
+    result = _result("delta", tensors, parts["encoder"], loss_sum / seen, start)
+    return replace(result, parts=parts, metrics={**result.metrics, **{f"samples_{t}": n for t, n in counts.items()}})
+
+
+def _delta(received: nn.Module, trained: nn.Module) -> dict[str, Tensor]:
+    before = float_state(received)
+    return {k: v - before[k] for k, v in float_state(trained).items()}
+
+
+def _prefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {f"{prefix}.{k}": v for k, v in tensors.items()}

@@ -30,6 +30,7 @@ from fedmq.common.compression_settings import (
 )
 from fedmq.common.jobconfig import parse_job
 from fedmq.common.keys import Identity, public_pem, raw_public_bytes
+from fedmq.common.layout import Layout
 from fedmq.common.tensors import encode_quantized, encode_sparse, encode_state_dict
 from fedmq.common.topics import Topics
 from fedmq.master.job import instruction_body
@@ -40,6 +41,8 @@ NOW = 1_790_000_000.0  # fixed clock
 RUN = "0f3c2a9e5d1b"  # a fixed run id
 JOB = "digits"
 CHUNK = 4096  # small, so the model vector shows chunking
+ENCODER = {"arch": "mlp", "sizes": [64, 16], "relu_last": True, "seed": 0}  # a shared encoder and two heads
+HEADS = {"digit": {"arch": "mlp", "sizes": [16, 10], "seed": 1}, "parity": {"arch": "mlp", "sizes": [16, 2], "seed": 2}}
 
 
 def identity(name: str) -> Identity:
@@ -70,6 +73,9 @@ def main() -> None:
             **compress_tensors({k: change[k] for k in ("0.bias", "2.weight")},
                                Uplink(topk=0.25, quantize="bfloat16"))[0]}
     newer = {k: v + change[k] for k, v in weights.items()}
+    multitask = Layout.multitask(ENCODER, HEADS)
+    torch.manual_seed(0)
+    composite = {k: v.detach() for k, v in multitask.build().state_dict().items()}
     model_delta, _ = encode_model_delta(weights, newer, Downlink(delta=True, topk=0.1, quantize="int8", block=64))
 
     def update(name: str, tensors: dict) -> tuple:
@@ -111,7 +117,30 @@ def main() -> None:
         update("update-half", half),
         (ms, "delta-q8", topics.master("delta"), M.DELTA, {"run": RUN, **delta_body(3, weights, model_delta)}, 4, 4),
         (ms, "reconfirm", topics.direct("slave-01"), M.RECONFIRM, {"run": RUN, "reason": "not enrolled"}, 0, 0),
-        # sharded jobs (PROTOCOL.md 9.9, 11.8): worker w1 holds slave-01's update of round 4
+        # models with parts (PROTOCOL.md 11.8, 11.9), appended likewise
+        (ms, "instruction-distill", topics.master("instruction"), M.INSTRUCTION, instruction_body(parse_job({
+            "job": {"id": JOB, "task": "digits", "update": "student"}, "model": spec, "enrollment": {"mode": "open"},
+            "master": {"key": "master.key"}, "distill": {"teacher": "teacher.cbor", "students": {
+                "same": spec, "half": {"arch": "mlp", "sizes": [64, 8, 10], "seed": 0}}},
+        }, OUT), RUN), 0, 0),
+        (ms, "instruction-multitask", topics.master("instruction"), M.INSTRUCTION, instruction_body(parse_job({
+            "job": {"id": JOB, "task": "digits"}, "model": ENCODER, "enrollment": {"mode": "open"},
+            "master": {"key": "master.key"}, "multitask": {"tasks": ["digit", "parity"], "heads": HEADS},
+        }, OUT), RUN), 0, 0),
+        (ss, "confirm-parts", topics.slave("confirm", "slave-01"), M.CONFIRM, {
+            "public_key": pub, "samples": 180, "capabilities": {"update": ["delta"], "torch": "2.13.0"},
+            "parts": {"encoder": 180, "heads.digit": 120, "heads.parity": 60},
+        }, 0, 0),
+        (ms, "model-part", topics.model_part("heads.parity"), M.MODEL,
+         {"run": RUN, "tensors": encode_state_dict(multitask.select(composite, ["heads.parity"]))}, 3, 3),
+        (ss, "update-parts", topics.slave("update", "slave-01"), M.UPDATE, {
+            "update_id": "slave-01/4/4", "kind": "delta", "base_version": 4, "samples": 120,
+            "metrics": {"loss": 0.42, "seconds": 0.31},
+            "tensors": encode_state_dict({k: torch.full_like(v, 0.001) for k, v in
+                                          multitask.select(composite, ["encoder", "heads.digit"]).items()}),
+            "parts": {"encoder": 120, "heads.digit": 120},
+        }, 4, 4),
+        # sharded jobs (PROTOCOL.md 9.9, 11.10), appended likewise: worker w1 holds slave-01's update of round 4
         (ws, "tally", topics.worker("w1"), M.TALLY, {"run": RUN, "updates": [
             Tallied("slave-01/4/4", "slave-01", "delta", 180, 52_000).to_wire()]}, 4, 4),
         (ms, "collect", topics.master("collect"), M.COLLECT, {"run": RUN, "collect": 1, "deadline": NOW + 60.0,

@@ -23,8 +23,8 @@ from .options import HOST_PORT
               show_default=True, help="Broker to start: auto = Mosquitto if installed, else embedded (amqtt).")
 @click.option("--report", "report", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-report"),
               show_default=True, help="Directory for report.json, accuracy.png, keys, configs, logs and state.")
-@click.option("--update", type=click.Choice(["delta", "gradient"]), default="delta", show_default=True,
-              help="What slaves send back.")
+@click.option("--update", type=click.Choice(["delta", "gradient", "student"]), default="delta", show_default=True,
+              help="What slaves send back; student: distil two students (same and half width) from a fixed teacher.")
 @click.option("--strategy", type=click.Choice(["fedavg", "fedavgm", "fedadam", "fedyogi"]), default="fedavg",
               show_default=True)
 @click.option("--compression", type=click.Choice(list(PRESETS)), default="none", show_default=True,
@@ -47,8 +47,13 @@ def demo(slaves: int, rounds: int, broker: tuple[str, int] | None, broker_kind: 
 
     opts = DemoOptions(slaves=slaves, rounds=rounds, report=report, broker=broker, broker_kind=broker_kind,
                        update=update, strategy=strategy, compression=compression)
+    if update == "student" and compression != "none":
+        raise click.UsageError("--update student takes --compression none: a model with parts is published part "
+                               "by part (no model deltas), and a student's weights travel whole")
     click.echo(f"fedmq demo: {slaves} slaves, {rounds} rounds, compression {compression}, "
                f"report in {report}/ (logs in {report}/logs/)")
+    if update == "student":
+        click.echo("training the teacher first (in-process FedAvg on the same shards, 30 rounds) ...")
 
     with contextlib.ExitStack() as stack:
         bars = []
@@ -69,6 +74,10 @@ def demo(slaves: int, rounds: int, broker: tuple[str, int] | None, broker_kind: 
     final = data["final_accuracy"]
     click.echo(f"final accuracy {final if final is None else round(final, 4)}; "
                f"seconds to 0.90: {data['seconds_to_090']}; wall time {data['wall_seconds']} s")
+    if data.get("teacher_accuracy") is not None:  # --update student: each student beside the teacher
+        parts = data["rounds"][-1].get("part_accuracy", {}) if data["rounds"] else {}
+        click.echo(f"teacher accuracy {data['teacher_accuracy']:.4f} (pretrained in-process, fixed); students: "
+                   + ", ".join(f"{p.removeprefix('students.')} {a:.4f}" for p, a in parts.items() if p != "teacher"))
     to_090 = data["bytes_to_090"]
     click.echo(f"bytes up {data['bytes_up']:,} (updates), down {data['bytes_down']:,} (received by the slaves)"
                + (f"; to 0.90: {to_090['up']:,} up, {to_090['down']:,} down" if to_090 else ""))

@@ -21,9 +21,10 @@ from fedmq.common.errors import ProtocolError
 from fedmq.common.brokerconfig import BrokerConfig
 from fedmq.common.jobconfig import JobConfig, RoundPolicy, SlaveConfig, TrainSettings
 from fedmq.common.keys import Identity, KeyRing, public_key_from_raw, raw_public_bytes
-from fedmq.common.modelspec import build_model
+from fedmq.common.layout import Layout
 from fedmq.master.core import MasterCore
 from fedmq.master.job import make_job_strategy
+from fedmq.master.jobmodel import job_model
 from fedmq.slave.core import SlaveCore, run_training
 
 
@@ -225,14 +226,13 @@ def fleet(tmp_path):
         ring = KeyRing()
         for ident in slave_ids[: n_slaves if enrolled is None else enrolled]:
             ring.add(ident.name, ident.public_key)
-        model = build_model(cfg.model)
+        model = job_model(cfg)  # the whole model, or its parts (a [distill] job's teacher read from its file)
+        layout = Layout.of_job(cfg)
         test = split.test_dataset()
-        from fedmq.common.workload import evaluate as eval_fn
-
         def evaluator(params):
-            m = build_model(cfg.model)
+            m = layout.build()
             m.load_state_dict(params, strict=False)
-            return eval_fn(m, test)
+            return layout.evaluate(m, test)
 
         master = MasterCore(cfg, model, make_job_strategy(cfg),
                             evaluate=evaluator if evaluate else None)
@@ -247,7 +247,7 @@ def fleet(tmp_path):
                                tasks=tuple((tasks or {}).get(i, ())))
             ds = (data_for or {}).get(i) or split.slave_dataset(i)
             core = SlaveCore(scfg, raw_public_bytes(ident.public_key), len(ds),
-                             data_misfit=lambda model, ds=ds: data_misfit(model, ds))
+                             data_misfit=lambda model, task=None, ds=ds: data_misfit(model, ds, task))
             bus.add(Node(ident.name, Sealer(ident, cfg.job, seq=1), Inbox(master_ring, cfg.job), core, dataset=ds))
         bus.cfg, bus.master_ring, bus.evaluator = cfg, ring, evaluator if evaluate else None
         bus.run("master", master.start(bus.now))

@@ -15,7 +15,10 @@ import pytest
 from fedmq.common import jobconfig
 from fedmq.common.brokerconfig import BrokerConfig
 from fedmq.common.compression_settings import preset
+from fedmq.common.modelspec import build_model
+from fedmq.common.partsconfig import DistillConfig
 from fedmq.common.privacy_settings import DPSettings
+from fedmq.master.jobmodel import write_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 UNCHECKED = {"model", "strategy", "compression", "privacy"}  # tables with parsers of their own (which name the key)
@@ -89,14 +92,20 @@ def _table_fields(text: str, heading: str) -> set[str]:
     return names
 
 
-def test_protocol_lists_exactly_the_status_and_metrics_fields_the_master_sends(fleet) -> None:
+DISTILL_MODEL = {"arch": "mlp", "sizes": [64, 32, 10], "seed": 0}
+
+
+def test_protocol_lists_exactly_the_status_and_metrics_fields_the_master_sends(fleet, tmp_path) -> None:
     protocol = (ROOT / "docs" / "PROTOCOL.md").read_text()
     sync = fleet(2, rounds=2, policy={"min_slaves": 2})
     asynchronous = fleet(2, rounds=2, strategy={"name": "fedbuff", "buffer_size": 2}, policy={"min_slaves": 2})
     private = fleet(2, rounds=2, policy={"min_slaves": 2}, privacy=DPSettings(clip_norm=1.0, noise_multiplier=0.5),
                     compression=preset("topk"))
+    write_weights(tmp_path / "teacher.cbor", build_model(DISTILL_MODEL))  # a model with parts: students
+    parts = fleet(2, rounds=2, policy={"min_slaves": 2}, update="student", model=DISTILL_MODEL,
+                  distill=DistillConfig(tmp_path / "teacher.cbor", {"small": {"arch": "mlp", "sizes": [64, 8, 10]}}))
     status = set(sync.json["fedmq/digits/status"]) | set(private.json["fedmq/digits/status"])
-    metrics = {key for bus in (sync, asynchronous, private) for key in bus.json["fedmq/digits/metrics"]}
+    metrics = {key for bus in (sync, asynchronous, private, parts) for key in bus.json["fedmq/digits/metrics"]}
     assert _table_fields(protocol, "`PREFIX/JOB/status` (retained") == status
     assert _table_fields(protocol, "`PREFIX/JOB/metrics` (retained") == metrics
 

@@ -35,16 +35,11 @@ from fedmq.common.transport import Inbound, Transport
 from fedmq.common.workload import reference_split
 from fedmq.demo import JOB, LocalFleet, Watcher
 
+from support import wait_for
+
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Recorder(Watcher):

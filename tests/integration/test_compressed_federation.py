@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import re
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,8 @@ from fedmq.common.strategies import ClientUpdate, make_strategy
 from fedmq.common.workload import evaluate, reference_split
 from fedmq.demo import LocalFleet, Watcher
 from fedmq.slave.trainer import train_local
+
+from support import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(420)]
 
@@ -83,11 +83,6 @@ def npz_fleet(root: Path, broker: dict, job: dict) -> LocalFleet:
                       job={**job, "master": {"eval": "../data/test.npz"}})
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_compressed_job_with_a_slave_killed_and_back_stays_within_a_point_of_fedavg(mosquitto, tmp_path: Path):

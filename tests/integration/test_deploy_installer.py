@@ -27,7 +27,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +35,8 @@ import pytest
 
 from fedmq.common.keys import Identity, write_identity
 from fedmq.demo import to_toml
+
+from support import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -431,13 +432,6 @@ def stop(proc: subprocess.Popen) -> int:
     return proc.wait()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def master_host(server: Path, broker: dict, rounds: int) -> Path:

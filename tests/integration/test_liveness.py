@@ -13,6 +13,8 @@ import pytest
 
 from fedmq.demo import LocalFleet
 
+from support import wait_for
+
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 
@@ -22,14 +24,6 @@ def status(broker, *args: str) -> tuple[int, list]:
     return out.returncode, (json.loads(out.stdout) if out.stdout.strip().startswith("[") else [])
 
 
-def until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _job(report: list) -> dict:
@@ -49,7 +43,7 @@ def test_status_shows_the_job_and_reports_its_master_gone_after_kill_9(mosquitto
             job = _job(report)
             return job if code == 0 and job.get("version", 0) >= 1 else None
 
-        job = until(training, 180, "the job at version 1 in `fedmq status`")
+        job = wait_for(training, 180, "the job at version 1 in `fedmq status`")
         assert job["state"] == "training" and job["slaves_enrolled"] == 2 and job["slaves_online"] == 2
         fleet.signal("master", signal.SIGKILL)
         killed = time.monotonic()
@@ -58,7 +52,7 @@ def test_status_shows_the_job_and_reports_its_master_gone_after_kill_9(mosquitto
             code, report = status(mosquitto, "--job", "digits")
             return _job(report) if code == 3 else None
 
-        job = until(gone, 120, "`fedmq status` to report the master gone")
+        job = wait_for(gone, 120, "`fedmq status` to report the master gone")
         print(f"\nmaster reported gone {time.monotonic() - killed:.1f} s after kill -9: {job.get('master')}")
         assert job.get("master") == "gone"
     finally:

@@ -413,11 +413,19 @@ function checkStateDict(tensors, finite) {
 // ------------------------------------------------------------------ message kinds (section 9)
 
 const str = (v) => typeof v === "string";
+// parts -> samples, in a model with parts (PROTOCOL.md 9.2, 9.6)
+const isSampleMap = (v) => isMap(v) && v.size > 0 && [...v].every(([k, n]) => str(k) && isUint(n) && n >= 1);
+// the part a tensor belongs to: the longest of `parts` followed by a dot (Appendix A)
+const partOf = (name, parts) => parts.filter((p) => name.startsWith(p + ".")).sort((a, b) => b.length - a.length)[0];
 const KINDS = {
-  instruction: { topic: /\/instruction$/, fields: { run: str, task: str, model: isMap, train: isMap, update: str, requirements: isMap, round_policy: isMap } },
-  confirm: { topic: /\/confirm\/[^/]+$/, fields: { public_key: (v) => isBytes(v) && v.length === 32, samples: isUint, capabilities: isMap } },
+  instruction: { topic: /\/instruction$/, fields: { run: str, task: str, model: isMap, train: isMap, update: str, requirements: isMap, round_policy: isMap },
+    optional: { distill: isMap, multitask: isMap } },
+  confirm: { topic: /\/confirm\/[^/]+$/, fields: { public_key: (v) => isBytes(v) && v.length === 32, samples: isUint, capabilities: isMap },
+    optional: { parts: isSampleMap } },
   decline: { topic: /\/confirm\/[^/]+$/, fields: { public_key: (v) => isBytes(v) && v.length === 32, reason: str } },
-  model: { topic: /\/(model|to\/[^/]+)$/, fields: { run: str, tensors: isMap }, tensors: "finite" },
+  // model/PART: one part of a model that has parts (PROTOCOL.md 9.3); never model/chunk
+  model: { topic: /\/(model(\/(?!chunk$)[A-Za-z0-9][A-Za-z0-9_.\-]{0,63})?|to\/[^/]+)$/, fields: { run: str, tensors: isMap },
+    tensors: "finite" },
   delta: { topic: /\/delta$/, fields: { run: str, base_version: isUint, base_digest: (v) => isBytes(v) && v.length === 16, tensors: isMap },
     tensors: "any" },
   round: { topic: /\/round$/, fields: { run: str, participants: (v) => Array.isArray(v) && v.every(str),
@@ -427,6 +435,7 @@ const KINDS = {
     topic: /\/update\/[^/]+$/,
     fields: { update_id: str, kind: (v) => ["delta", "gradient", "student"].includes(v), base_version: isUint,
       samples: (v) => isUint(v) && v >= 1, metrics: (v) => isMap(v) && [...v.values()].every(isNumber), tensors: isMap },
+    optional: { parts: isSampleMap },
     tensors: "finite",
   },
   presence: { topic: /\/presence\/[^/]+$/, fields: { state: (v) => v === "online" || v === "offline", version: isInt } },
@@ -460,6 +469,16 @@ function checkBody(manifest, topic, body, kid, ownKey) {
     if (body.get("base_version") !== manifest.version) fail("bad_body", "base_version differs from manifest.version");
     const want = `${manifest.sender}/${manifest.round}/${manifest.version}`;
     if (body.get("update_id") !== want) fail("bad_body", `update_id ${body.get("update_id")}, expected ${want}`);
+  }
+  const part = manifest.kind === "model" && topic.match(/\/model\/([^/]+)$/);
+  const parts = part ? [part[1]] : manifest.kind === "update" && body.has("parts") ? [...body.get("parts").keys()] : null;
+  if (parts) {  // exactly the tensors of those parts
+    const names = [...body.get("tensors").keys()];
+    const stray = names.find((n) => !partOf(n, parts));
+    if (stray !== undefined) fail("bad_tensor", `tensor ${stray} is not in ${parts.join(", ")}`);
+    const empty = parts.find((p) => !names.some((n) => partOf(n, parts) === p));
+    if (empty !== undefined) fail("bad_tensor", `no tensor of part ${empty}`);
+    notes.push(`parts=${parts.join(",")}`);
   }
   if (spec.tensors) {
     const t = checkStateDict(body.get("tensors"), spec.tensors === "finite");

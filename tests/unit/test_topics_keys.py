@@ -18,7 +18,8 @@ from click.testing import CliRunner, Result
 from fedmq.cli import main
 from fedmq.common.errors import ConfigError
 from fedmq.common.keys import Identity, KeyRing, key_id, load_identity, load_public_key, write_identity
-from fedmq.common.topics import DIRECT, MASTER_TOPICS, SLAVE_TOPICS, Topics, check_id, chunk_topic, split_chunk_topic
+from fedmq.common.topics import (DIRECT, MASTER_TOPICS, SLAVE_TOPICS, TOPIC_ROLES, Topics, check_id, chunk_topic,
+                                 split_chunk_topic)
 
 BAD_IDS = ["a/b", "a+", "+", "#", "a#", "", "a b", "-lead", ".", "x" * 65, "ü", "a\x00", "abc\n", "\n"]
 
@@ -40,12 +41,19 @@ def test_every_topic_builds_and_parses_back(prefix: str) -> None:
         assert t.slaves(name) == f"{prefix}/digits-1/{name}/+"
     assert t.parse(t.direct("s1")) == (DIRECT, "s1")
     assert t.everything == f"{prefix}/digits-1/#"
+    # the parts of a model that has parts: model/PART, retained and chunked like model itself
+    assert t.model_part("heads.digit") == f"{prefix}/digits-1/model/heads.digit"
+    assert t.parse(t.model_part("heads.digit")) == ("model", "heads.digit")
+    assert t.retained_chunked(t.model_part("teacher")) and t.retained_chunked(t.master("round"))
+    assert not t.retained_chunked(t.direct("s1")) and not t.retained_chunked(t.master("status"))
+    assert all(r.chunked for r in TOPIC_ROLES if r.keyed)  # the ACL's NAME/# rights cover NAME/KEY too
 
 
 def test_parse_rejects_foreign_and_malformed_topics() -> None:
     t = Topics("job")
     for topic in ["fedmq/other/model", "fedmq/job", "fedmq/job/", "fedmq/job/bogus", "fedmq/job/update",
-                  "fedmq/job/update/a/b", "fedmq/job/update/+", "fedmq/job/model/x", "fedmqx/job/model",
+                  "fedmq/job/update/a/b", "fedmq/job/update/+", "fedmq/job/model/chunk", "fedmq/job/model/a/b",
+                  "fedmq/job/round/x", "fedmqx/job/model",
                   "fedmq/job/status/s1", "fedmq/job/update/s1\n", "fedmq/job/model\n"]:
         assert t.parse(topic) is None, topic
 
