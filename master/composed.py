@@ -30,6 +30,7 @@ class ComposedMaster:
     slaves = property(lambda self: self.master.slaves)
     state = property(lambda self: self.master.state)
     history = property(lambda self: self.master.history)
+    layout = property(lambda self: self.master.layout)
 
     def start(self, now: float) -> list[Effect]:
         return self._after(self.master.start(now), now)

@@ -26,7 +26,7 @@ from fedmq.common.workload import reference_split
 from fedmq.demo import _PYTHON, LocalFleet, Watcher, to_toml
 from fedmq.mosquitto_files import RelayBridge, render_bridge
 
-from .test_federation import wait_for
+from support import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 SITE = "digits-site-a"

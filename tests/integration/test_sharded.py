@@ -27,7 +27,7 @@ from fedmq.common.topics import Topics, split_chunk_topic
 from fedmq.common.transport import Inbound, Transport
 from fedmq.demo import _PYTHON, LocalFleet, Watcher
 
-from .test_federation import wait_for
+from support import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 

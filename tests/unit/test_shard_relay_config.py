@@ -130,3 +130,17 @@ def test_worker_and_root_refuse_what_cannot_be_sharded_with_one_line(tmp_path):
     fedbuff = runner.invoke(main, ["worker", "-c", _job_file(tmp_path, **shard, strategy={"name": "fedbuff"}),
                                    "--id", "w1"])
     assert fedbuff.exit_code == 2 and "asynchronous" in fedbuff.output
+
+
+def test_the_composed_cores_offer_everything_the_master_daemon_uses():
+    """The root's and the relay's cores stand in for a MasterCore in the master daemon:
+    every attribute the daemon reads off its core must be there (a new one fails here,
+    not in a process-level test)."""
+    import re
+    from pathlib import Path
+
+    from fedmq.master.composed import ComposedMaster
+
+    daemon = (Path(__file__).resolve().parents[2] / "master" / "daemon.py").read_text()
+    used = set(re.findall(r"self\.core\.([a-z_]+)", daemon))
+    assert used and not sorted(n for n in used if not hasattr(ComposedMaster, n))
