@@ -70,6 +70,7 @@ class Shell:
         self._retained: dict[str, Publish] = {}  # base topic -> the last retained message published there
         self._retained_payloads: dict[str, bytes] = {}  # exact topic -> its payload, as published
         self._reasserted: dict[str, float] = {}
+        self._reassert_later: set[str] = set()
         self._stop = threading.Event()
 
     # ------------------------------------------------------------ outbound
@@ -126,11 +127,21 @@ class Shell:
         if fx is None or self._retained_payloads.get(msg.topic, b"") == msg.payload:
             return False
         if now - self._reasserted.get(base, float("-inf")) < REASSERT_SECONDS:
+            self._reassert_later.add(base)  # not dropped: put back once the interval has passed
             return False
-        self._reasserted[base] = now
         self.log.warning("retained message on %s was overwritten by someone else; publishing it again", msg.topic)
-        self.publish(fx, now)
+        self._put_back(base, now)
         return True
+
+    def reassert_due(self, now: float) -> None:
+        """Put back the retained messages overwritten again within the interval (call on a tick)."""
+        for base in [b for b in self._reassert_later if now - self._reasserted.get(b, float("-inf")) >= REASSERT_SECONDS]:
+            self._put_back(base, now)
+
+    def _put_back(self, base: str, now: float) -> None:
+        self._reassert_later.discard(base)
+        self._reasserted[base] = now
+        self.publish(self._retained[base], now)
 
     def set_will(self, topic: str, payload: bytes) -> None:
         self.transport.set_will(topic, payload, qos=1, retain=True)

@@ -177,8 +177,10 @@ class Transport:
         # before (a slave's instruction and model) and needs the retained state again.
         # `skip_retained`: the first SUBSCRIBE asks for no retained message at all (the
         # process has just been handed the same thing another way).
+        # On a filter already subscribed, `bootstrap` sends the SUBSCRIBE again at once,
+        # asking for the retained message again (something made the last one useless).
         with self._lock:
-            if bootstrap and topic_filter not in self._subscriptions:
+            if bootstrap:
                 self._bootstrap.add(topic_filter)
             if skip_retained and topic_filter not in self._subscriptions:
                 self._skip_retained.add(topic_filter)

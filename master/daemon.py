@@ -161,6 +161,7 @@ class MasterDaemon:
         if self.cfg.enrollment == "allowlist" and now - self._keys_checked >= KEYS_CHECK_SECONDS:
             self._keys_checked = now
             self._reread_allowlist(now)
+        self.shell.reassert_due(now)
         self.apply(self.core.tick(now), now)
         self.acks.commit()
 

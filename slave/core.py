@@ -154,6 +154,10 @@ class SlaveCore:
         M.validate(msg.kind, parsed[0], msg.body)
         if msg.kind == M.INSTRUCTION:
             return self._on_instruction(msg, now)
+        if msg.kind == M.RECONFIRM and self.instruction is None:
+            # Asked to confirm, yet no instruction: what was retained was junk or lost.
+            return [Log("info", "asked to confirm, but no instruction here: fetching the retained one again"),
+                    Subscribe(self.topics.master("instruction"))]
         if msg.kind != M.INSTRUCTION and msg.body.get("run") != self.run:
             return [Log("info", f"{msg.kind} of run {msg.body.get('run')!r} ignored (the instruction's run is {self.run!r})")]
         if msg.kind == M.MODEL:

@@ -191,3 +191,19 @@ def test_a_new_slave_gets_its_model_once(fleet):
     assert [fx.kind for fx in direct] == [M.MODEL, M.MODEL], "once at the first start, once after the restart"
     models = [fx for fx in bus.effects["slave-0"] if type(fx).__name__ == "Log" and fx.message.startswith("model version")]
     assert len(models) == 2
+
+
+def test_a_slave_asked_to_confirm_without_an_instruction_fetches_the_retained_one_again(fleet):
+    """Junk was retained when it subscribed; the master's re-confirm request makes it look again."""
+    from fedmq.common.effects import Subscribe
+
+    bus = fleet(1, rounds=1, evaluate=False, silent=("slave-0",), policy={"min_slaves": 1})
+    slave = bus.nodes["slave-0"].core
+    slave.instruction, slave.instruction_digest, slave.enrolled = None, b"", False
+    master = bus.nodes["master"]
+    topic = bus.cfg.topics.direct("slave-0")
+    bus.queue.append((topic, master.sealer.seal(topic, M.RECONFIRM, {"run": master.core.run, "reason": "not enrolled"},
+                                                now=bus.now), False))
+    bus.pump()
+    assert slave.instruction is not None and slave.enrolled, "it fetched the instruction, confirmed, and enrolled"
+    assert any(isinstance(fx, Subscribe) and fx.topic.endswith("/instruction") for fx in bus.effects["slave-0"][-20:])
